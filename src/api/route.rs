@@ -1,0 +1,156 @@
+//! `/v2/…` paths parsed once into typed routes. Multi-segment repository names are split
+//! from the end: the last segments say what is asked for, everything before is the name.
+
+use crate::oci::{Digest, Reference, RepoName, Tag};
+
+use super::error::ApiError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    /// `/v2/`
+    Base,
+    /// `/v2/<name>/manifests/<reference>`
+    Manifest {
+        name: RepoName,
+        reference: Reference,
+    },
+    /// `/v2/<name>/blobs/<digest>`
+    Blob { name: RepoName, digest: Digest },
+    /// `/v2/<name>/tags/list`
+    TagsList { name: RepoName },
+    /// `/_wharf/history/<name>/tags/<tag>`
+    History { name: RepoName, tag: Tag },
+    /// `/metrics`
+    Metrics,
+    /// `/_wharf/health`
+    Health,
+}
+
+impl Route {
+    /// A short, bounded label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Base => "base",
+            Route::Manifest { .. } => "manifest",
+            Route::Blob { .. } => "blob",
+            Route::TagsList { .. } => "tags",
+            Route::History { .. } => "history",
+            Route::Metrics => "metrics",
+            Route::Health => "health",
+        }
+    }
+}
+
+fn name(segs: &[&str]) -> Result<RepoName, ApiError> {
+    let joined = segs.join("/");
+    RepoName::parse(&joined)
+        .ok_or_else(|| ApiError::NameInvalid(format!("invalid repository name {joined:?}")))
+}
+
+/// Parses a request path (without the query).
+pub fn parse(path: &str) -> Result<Route, ApiError> {
+    match path {
+        "/v2" | "/v2/" => return Ok(Route::Base),
+        "/metrics" => return Ok(Route::Metrics),
+        "/_wharf/health" => return Ok(Route::Health),
+        _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/_wharf/history/") {
+        let segs: Vec<&str> = rest.split('/').collect();
+        if let [n @ .., "tags", tag] = segs.as_slice() {
+            if !n.is_empty() {
+                let tag = Tag::parse(tag)
+                    .ok_or_else(|| ApiError::TagInvalid(format!("invalid tag {tag:?}")))?;
+                return Ok(Route::History {
+                    name: name(n)?,
+                    tag,
+                });
+            }
+        }
+        return Err(ApiError::NotFound(format!("no such path {path:?}")));
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return Err(ApiError::NotFound(format!("no such path {path:?}")));
+    };
+    let segs: Vec<&str> = rest.split('/').collect();
+    if let Some(i) = segs.windows(2).position(|w| w == ["blobs", "uploads"]) {
+        if i > 0 {
+            return Err(ApiError::Unsupported(
+                "wharf is a read-only mirror: pushes are not accepted".into(),
+            ));
+        }
+    }
+    match segs.as_slice() {
+        [n @ .., "manifests", reference] if !n.is_empty() => {
+            let name = name(n)?;
+            let reference = Reference::parse(reference).ok_or_else(|| {
+                if reference.contains(':') {
+                    ApiError::DigestInvalid(format!("invalid digest {reference:?}"))
+                } else {
+                    ApiError::TagInvalid(format!("invalid tag {reference:?}"))
+                }
+            })?;
+            Ok(Route::Manifest { name, reference })
+        }
+        [n @ .., "blobs", digest] if !n.is_empty() => {
+            let name = name(n)?;
+            let digest = Digest::parse(digest)
+                .ok_or_else(|| ApiError::DigestInvalid(format!("invalid digest {digest:?}")))?;
+            Ok(Route::Blob { name, digest })
+        }
+        [n @ .., "tags", "list"] if !n.is_empty() => Ok(Route::TagsList { name: name(n)? }),
+        _ => Err(ApiError::NotFound(format!("no such path {path:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_segment_names_parse_from_the_end() {
+        let r = parse("/v2/a/manifests/b/manifests/latest").expect("parses");
+        assert_eq!(
+            r,
+            Route::Manifest {
+                name: RepoName::parse("a/manifests/b").expect("n"),
+                reference: Reference::Tag(Tag::parse("latest").expect("t"))
+            }
+        );
+        let d = format!("sha256:{}", "0".repeat(64));
+        assert!(matches!(
+            parse(&format!("/v2/x/y/blobs/{d}")),
+            Ok(Route::Blob { .. })
+        ));
+        assert_eq!(parse("/v2/").expect("base"), Route::Base);
+    }
+
+    #[test]
+    fn traversal_and_bad_digests_are_refused() {
+        for p in [
+            "/v2/../etc/manifests/latest",
+            "/v2/a/%2e%2e/manifests/x",
+            "/v2/a/..%2f/blobs/sha256:00",
+            "/v2//manifests/x",
+            "/v2/A/manifests/x",
+        ] {
+            assert!(matches!(parse(p), Err(ApiError::NameInvalid(_))), "{p}");
+        }
+        assert!(matches!(
+            parse("/v2/a/blobs/sha256:zz"),
+            Err(ApiError::DigestInvalid(_))
+        ));
+        assert!(matches!(
+            parse("/v2/a/manifests/sha256:..%2f..%2fx"),
+            Err(ApiError::DigestInvalid(_))
+        ));
+        assert!(matches!(
+            parse("/v2/a/manifests/.bad"),
+            Err(ApiError::TagInvalid(_))
+        ));
+        assert!(matches!(
+            parse("/v2/a/blobs/uploads/"),
+            Err(ApiError::Unsupported(_))
+        ));
+    }
+}

@@ -1,0 +1,331 @@
+//! A blob download from upstream into a spool file, shared by every client that wants the
+//! blob while it runs. Bytes go through sha256 on their way to disk; readers follow the
+//! writer through the spool file but never receive the last byte before the digest is
+//! verified, so a bad download can never look complete to a client.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, StreamExt};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{mpsc, watch};
+
+use crate::oci::{Digest, RepoName};
+use crate::store::{RepoKey, Store};
+use crate::upstream::{error_chain, Upstream, UpstreamError};
+
+use super::{Cache, CacheError};
+
+/// How much is written (and read) per blocking call.
+const CHUNK: usize = 256 * 1024;
+
+/// Where a fill is.
+#[derive(Clone, Debug)]
+pub enum FillState {
+    /// Waiting for the upstream's response headers.
+    Connecting,
+    /// Receiving; `written` bytes are in the spool file.
+    Streaming {
+        size: Option<u64>,
+        written: u64,
+    },
+    /// Verified and stored.
+    Done {
+        size: u64,
+    },
+    Failed(CacheError),
+}
+
+/// A download in progress, shared by every client that wants the blob.
+pub struct Fill {
+    pub digest: Digest,
+    state: watch::Receiver<FillState>,
+    /// The spool file; readers use positional reads, so they share it without a cursor.
+    file: Arc<File>,
+}
+
+impl Fill {
+    /// Waits for the upstream's answer: the size when it is known, or why it failed.
+    pub async fn ready(&self) -> Result<Option<u64>, CacheError> {
+        let mut rx = self.state.clone();
+        loop {
+            match rx.borrow_and_update().clone() {
+                FillState::Connecting => {}
+                FillState::Streaming { size, .. } => return Ok(size),
+                FillState::Done { size } => return Ok(Some(size)),
+                FillState::Failed(e) => return Err(e),
+            }
+            if rx.changed().await.is_err() {
+                return Err(CacheError::Internal(
+                    "blob download ended without a result".into(),
+                ));
+            }
+        }
+    }
+
+    /// Waits until the fill is over.
+    pub async fn finished(&self) -> Result<u64, CacheError> {
+        let mut rx = self.state.clone();
+        loop {
+            match rx.borrow_and_update().clone() {
+                FillState::Done { size } => return Ok(size),
+                FillState::Failed(e) => return Err(e),
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(CacheError::Internal(
+                    "blob download ended without a result".into(),
+                ));
+            }
+        }
+    }
+
+    /// Streams the blob to one client as it arrives. Ends with an error (the client's
+    /// response is cut) when the download fails or does not match its digest.
+    pub fn stream(
+        self: Arc<Self>,
+        tx: mpsc::Sender<io::Result<Bytes>>,
+        on_chunk: impl Fn(u64) + Send + 'static,
+    ) {
+        tokio::spawn(async move {
+            let mut rx = self.state.clone();
+            let mut off = 0u64;
+            loop {
+                let state = rx.borrow_and_update().clone();
+                let (limit, done) = match state {
+                    FillState::Connecting => (0, false),
+                    // Hold back the last byte written until the digest is verified.
+                    FillState::Streaming { written, .. } => (written.saturating_sub(1), false),
+                    FillState::Done { size } => (size, true),
+                    FillState::Failed(e) => {
+                        let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+                        return;
+                    }
+                };
+                if off < limit {
+                    let len = (limit - off).min(CHUNK as u64) as usize;
+                    let file = self.file.clone();
+                    let chunk = tokio::task::spawn_blocking(move || read_at(&file, off, len)).await;
+                    let chunk = match chunk {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+                            return;
+                        }
+                    };
+                    off += chunk.len() as u64;
+                    on_chunk(chunk.len() as u64);
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return; // the client went away; the download carries on for the cache
+                    }
+                    continue;
+                }
+                if done {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    let _ = tx
+                        .send(Err(io::Error::other(
+                            "blob download ended without a result",
+                        )))
+                        .await;
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Reads `len` bytes at `off` into a new buffer.
+pub fn read_at(file: &File, off: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(len);
+    let mut got = 0;
+    while got < len {
+        let n = file.read_at(&mut buf[got..], off + got as u64)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "blob shorter than expected",
+            ));
+        }
+        got += n;
+    }
+    Ok(buf.freeze())
+}
+
+impl Cache {
+    /// Joins the fill of `d` in flight, or starts one. `None` when the blob is already stored
+    /// (checked under the fills lock, so a fill that just finished is never started twice).
+    pub(super) fn join_or_start_fill(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repo: &RepoName,
+        key: &RepoKey,
+        d: &Digest,
+    ) -> Result<Option<(Arc<Fill>, bool)>, CacheError> {
+        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = fills.get(d) {
+            return Ok(Some((f.clone(), true)));
+        }
+        if self.store.blob_size(d)?.is_some() {
+            return Ok(None);
+        }
+        let (file, spool) = self
+            .store
+            .spool()
+            .map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?;
+        let (tx, rx) = watch::channel(FillState::Connecting);
+        let fill = Arc::new(Fill {
+            digest: d.clone(),
+            state: rx,
+            file: Arc::new(
+                file.try_clone()
+                    .map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?,
+            ),
+        });
+        fills.insert(d.clone(), fill.clone());
+        let job = FillJob {
+            cache: self.clone(),
+            up: up.clone(),
+            repo: repo.clone(),
+            key: key.clone(),
+            digest: d.clone(),
+            spool,
+            tx,
+        };
+        tokio::spawn(job.run(file));
+        Ok(Some((fill, false)))
+    }
+}
+
+/// The task that downloads one blob.
+struct FillJob {
+    cache: Arc<Cache>,
+    up: Arc<Upstream>,
+    repo: RepoName,
+    key: RepoKey,
+    digest: Digest,
+    spool: PathBuf,
+    tx: watch::Sender<FillState>,
+}
+
+impl FillJob {
+    async fn run(self, file: File) {
+        let metrics = self.cache.metrics.clone();
+        metrics.inflight_downloads.inc();
+        let result = self.download(file).await;
+        metrics.inflight_downloads.dec();
+        let state = match result {
+            Ok(size) => FillState::Done { size },
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.spool);
+                if let CacheError::DigestMismatch { .. } = e {
+                    metrics
+                        .digest_mismatch
+                        .with_label_values(&[&self.up.name])
+                        .inc();
+                }
+                tracing::warn!(upstream = %self.up.name, repository = %self.repo, digest = %self.digest, error = %e, "blob download failed; nothing cached");
+                FillState::Failed(e)
+            }
+        };
+        self.cache
+            .fills
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.digest);
+        let _ = self.tx.send(state);
+    }
+
+    async fn download(&self, file: File) -> Result<u64, CacheError> {
+        let resp = self.up.get_blob(&self.repo, &self.digest).await?;
+        let size = resp.content_length();
+        self.tx
+            .send_replace(FillState::Streaming { size, written: 0 });
+        let mut stream = resp.bytes_stream();
+        let mut written = 0u64;
+        let mut sink = Some((file, Sha256::new()));
+        loop {
+            let first = match stream.next().await {
+                None => break,
+                Some(Ok(c)) => c,
+                Some(Err(e)) => {
+                    return Err(UpstreamError::Unavailable(format!(
+                        "blob body cut: {}",
+                        error_chain(&e)
+                    ))
+                    .into())
+                }
+            };
+            // Batch what has already arrived into one blocking write.
+            let mut batch = BytesMut::from(&first[..]);
+            while batch.len() < CHUNK * 4 {
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(c))) => batch.extend_from_slice(&c),
+                    Some(Some(Err(e))) => {
+                        return Err(UpstreamError::Unavailable(format!(
+                            "blob body cut: {}",
+                            error_chain(&e)
+                        ))
+                        .into())
+                    }
+                    Some(None) | None => break,
+                }
+            }
+            let n = batch.len() as u64;
+            if size.is_some_and(|s| written + n > s) {
+                return Err(UpstreamError::Invalid(
+                    "blob body longer than its Content-Length".into(),
+                )
+                .into());
+            }
+            let (mut f, mut h) = sink
+                .take()
+                .ok_or_else(|| CacheError::Internal("spool lost".into()))?;
+            let (f, h, res) = tokio::task::spawn_blocking(move || {
+                h.update(&batch);
+                let res = f.write_all(&batch);
+                (f, h, res)
+            })
+            .await
+            .map_err(|e| CacheError::Internal(e.to_string()))?;
+            res.map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?;
+            sink = Some((f, h));
+            written += n;
+            self.up.count_body_bytes(n);
+            self.tx.send_replace(FillState::Streaming { size, written });
+        }
+        let (f, h) = sink.ok_or_else(|| CacheError::Internal("spool lost".into()))?;
+        let got = Digest::from_hasher(h);
+        if got != self.digest {
+            return Err(CacheError::DigestMismatch {
+                want: self.digest.clone(),
+                got,
+            });
+        }
+        if size.is_some_and(|s| s != written) {
+            return Err(
+                UpstreamError::Invalid("blob body shorter than its Content-Length".into()).into(),
+            );
+        }
+        let store: Arc<Store> = self.cache.store.clone();
+        let (spool, d, key) = (self.spool.clone(), self.digest.clone(), self.key.clone());
+        tokio::task::spawn_blocking(move || {
+            f.sync_all()?;
+            store.commit_blob(&spool, &d, written)?;
+            store.link_layer(&key, &d)
+        })
+        .await
+        .map_err(|e| CacheError::Internal(e.to_string()))??;
+        tracing::info!(upstream = %self.up.name, repository = %self.repo, digest = %self.digest, bytes = written, "blob cached");
+        Ok(written)
+    }
+}

@@ -1,0 +1,65 @@
+//! Command-line interface: `serve`, `history`, `reindex`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use url::Url;
+
+use crate::config::Overrides;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wharf",
+    version,
+    about = "A pull-through caching proxy for OCI / Docker registries"
+)]
+pub struct Cli {
+    /// TOML configuration file (see config.example.toml).
+    #[arg(long, global = true, env = "WHARF_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Storage directory (overrides `data_dir`).
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the registry mirror.
+    Serve {
+        /// Address to listen on (overrides `listen`).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// URL of the default upstream registry (overrides the first `[[upstreams]]` url).
+        #[arg(long)]
+        upstream: Option<Url>,
+    },
+    /// Every digest a tag has pointed at, newest first.
+    History {
+        /// `[upstream/]repository:tag`, e.g. `docker.io/library/alpine:latest`; without an
+        /// upstream prefix, the default upstream.
+        image: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild the index from the storage tree (the server must be stopped).
+    Reindex,
+}
+
+impl Cli {
+    /// The configuration layers given as flags.
+    pub fn overrides(&self) -> Overrides {
+        let mut o = Overrides {
+            data_dir: self.data_dir.clone(),
+            ..Default::default()
+        };
+        if let Command::Serve { listen, upstream } = &self.command {
+            o.listen = *listen;
+            o.upstream = upstream.clone();
+        }
+        o
+    }
+}

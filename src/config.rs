@@ -1,0 +1,256 @@
+//! Configuration: embedded defaults < `--config FILE` (TOML) < `WHARF_…` environment
+//! (nested keys joined with `__`) < command-line flags. Validated once, at start-up.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::oci::valid_component;
+
+/// Everything wharf reads at start-up.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the registry API listens on.
+    pub listen: SocketAddr,
+    /// Root of the storage tree (distribution's filesystem layout) and wharf's index.
+    pub data_dir: PathBuf,
+    /// How long in-flight responses may run on after a shutdown signal.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Registries to pull through; the first is the default.
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// One registry wharf pulls through from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The registry host clients use (`docker.io`); also the first path segment of its
+    /// repositories in the storage tree.
+    pub name: String,
+    /// Where the registry's API is (`https://registry-1.docker.io`).
+    pub url: Url,
+    /// User for token or Basic auth; anonymous when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password or access token for `username`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// File holding the password (a mounted secret), read at start-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// How long a revalidated tag is served without asking the upstream again.
+    #[serde(with = "humantime_serde", default)]
+    pub tag_ttl: Duration,
+    /// Limit on establishing a connection to the upstream.
+    #[serde(with = "humantime_serde", default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
+    /// Limit on waiting for response headers from the upstream.
+    #[serde(with = "humantime_serde", default = "default_response_timeout")]
+    pub response_timeout: Duration,
+    /// Limit on a pause between two chunks of a response body.
+    #[serde(with = "humantime_serde", default = "default_idle_timeout")]
+    pub idle_timeout: Duration,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// A credential: never printed.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            data_dir: PathBuf::from("./wharf-data"),
+            shutdown_grace: Duration::from_secs(30),
+            upstreams: vec![UpstreamConfig::new("docker.io", docker_hub())],
+        }
+    }
+}
+
+fn docker_hub() -> Url {
+    Url::parse("https://registry-1.docker.io").expect("constant URL parses")
+}
+
+impl UpstreamConfig {
+    /// An anonymous upstream with default limits.
+    pub fn new(name: &str, url: Url) -> Self {
+        UpstreamConfig {
+            name: name.to_owned(),
+            url,
+            username: None,
+            password: None,
+            password_file: None,
+            tag_ttl: Duration::ZERO,
+            connect_timeout: default_connect_timeout(),
+            response_timeout: default_response_timeout(),
+            idle_timeout: default_idle_timeout(),
+        }
+    }
+
+    /// The password, from `password` or `password_file`.
+    pub fn resolved_password(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(p) = &self.password {
+            return Ok(Some(p.clone()));
+        }
+        match &self.password_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|s| Some(Secret(s.trim_end_matches(['\n', '\r']).to_owned())))
+                .map_err(|e| {
+                    ConfigError::Invalid(format!("password_file {}: {e}", path.display()))
+                }),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Flags given on the command line, the last layer.
+#[derive(Default, Debug, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub upstream: Option<Url>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads the layers in order and validates the result.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} not found",
+                    file.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(file));
+        }
+        fig = fig.merge(Env::prefixed("WHARF_").split("__"));
+        let mut cfg: Config = fig.extract().map_err(Box::new)?;
+        if let Some(l) = overrides.listen {
+            cfg.listen = l;
+        }
+        if let Some(d) = &overrides.data_dir {
+            cfg.data_dir = d.clone();
+        }
+        if let Some(u) = &overrides.upstream {
+            match cfg.upstreams.first_mut() {
+                Some(first) => first.url = u.clone(),
+                None => cfg
+                    .upstreams
+                    .push(UpstreamConfig::new("docker.io", u.clone())),
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: names usable as storage paths, URL schemes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstreams.is_empty() {
+            return Err(ConfigError::Invalid(
+                "at least one [[upstreams]] entry is needed".into(),
+            ));
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            if !valid_component(&u.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "upstreams[{i}].name {:?}: must be a lowercase registry host name without a port",
+                    u.name
+                )));
+            }
+            if self.upstreams[..i].iter().any(|o| o.name == u.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "upstreams[{i}].name {:?} is used twice",
+                    u.name
+                )));
+            }
+            if !matches!(u.url.scheme(), "http" | "https") || u.url.host().is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "upstreams[{i}].url {}: must be http(s)://host",
+                    u.url
+                )));
+            }
+            if u.password.is_some() && u.password_file.is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "upstreams[{i}]: set password or password_file, not both"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_proxy_docker_hub() {
+        let c = Config::load(None, &Overrides::default()).expect("defaults load");
+        assert_eq!(c.listen.port(), 5000);
+        assert_eq!(c.upstreams[0].name, "docker.io");
+        assert_eq!(c.upstreams[0].url.as_str(), "https://registry-1.docker.io/");
+        assert_eq!(c.upstreams[0].tag_ttl, Duration::ZERO);
+    }
+
+    #[test]
+    fn file_then_flags_layer_over_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("w.toml");
+        std::fs::write(
+            &f,
+            "data_dir = \"/srv/w\"\n[[upstreams]]\nname = \"ghcr.io\"\nurl = \"https://ghcr.io\"\ntag_ttl = \"5m\"\npassword = \"hunter2\"\n",
+        )
+        .expect("write");
+        let o = Overrides {
+            listen: Some("127.0.0.1:7000".parse().expect("addr")),
+            ..Default::default()
+        };
+        let c = Config::load(Some(&f), &o).expect("loads");
+        assert_eq!(c.data_dir, PathBuf::from("/srv/w"));
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(c.upstreams[0].tag_ttl, Duration::from_secs(300));
+        assert!(!format!("{c:?}").contains("hunter2"), "secrets never print");
+    }
+
+    #[test]
+    fn bad_upstream_names_are_refused() {
+        let mut c = Config::default();
+        c.upstreams[0].name = "../etc".into();
+        assert!(c.validate().is_err());
+    }
+}

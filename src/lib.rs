@@ -1,0 +1,88 @@
+//! # wharf: a pull-through caching proxy for OCI / Docker registries
+//!
+//! ## Layout
+//! Data flows top to bottom:
+//! - [`api`]: parses `/v2/…` paths into typed routes, negotiates, and builds every client
+//!   response (errors become OCI error JSON in one place).
+//! - [`cache`]: read-through decisions: hit or miss, single-flight fetches, streaming
+//!   verification of blobs, tag revalidation with an upstream HEAD, stale-on-error.
+//! - [`store`]: the storage tree in distribution's layout (the truth) and the sled index
+//!   derived from it, with per-tag history.
+//! - [`upstream`]: one HTTP client per configured registry, with auth and timeouts.
+//!
+//! Around them: [`config`] (layered configuration), [`server`] (accept loop and graceful
+//! shutdown), [`metrics`] (every metric, defined once), [`oci`] (the grammar's newtypes).
+
+pub mod api;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod oci;
+pub mod server;
+pub mod store;
+pub mod upstream;
+
+use std::sync::Arc;
+
+pub use server::serve;
+
+use cache::Cache;
+use config::{Config, ConfigError};
+use metrics::Metrics;
+use oci::RepoName;
+use store::{RepoKey, Store, StoreError};
+use upstream::Upstream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything a request handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub cache: Arc<Cache>,
+    pub metrics: Arc<Metrics>,
+    /// Configured upstreams; the first is the default.
+    pub upstreams: Arc<Vec<Arc<Upstream>>>,
+}
+
+impl AppState {
+    /// Opens the data dir and builds the upstream clients.
+    pub fn open(config: Config) -> Result<AppState, Error> {
+        config.validate()?;
+        let metrics = Arc::new(Metrics::new());
+        let store = Arc::new(Store::open(&config.data_dir)?);
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| Upstream::new(u, metrics.clone()).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(AppState {
+            cache: Arc::new(Cache::new(store, metrics.clone())),
+            config: Arc::new(config),
+            metrics,
+            upstreams: Arc::new(upstreams),
+        })
+    }
+
+    pub fn default_upstream(&self) -> &Arc<Upstream> {
+        &self.upstreams[0]
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.cache.store
+    }
+
+    /// The cached repository a user-facing name denotes (`docker.io/library/x` or `library/x`).
+    pub fn repo_key(&self, name: &RepoName) -> RepoKey {
+        api::repo_key(&self.upstreams, name)
+    }
+}

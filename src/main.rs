@@ -1,0 +1,164 @@
+//! The `wharf` binary: parses the command line, loads the configuration, dispatches.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+
+use wharf::cli::{Cli, Command};
+use wharf::config::Config;
+use wharf::oci::{RepoName, Tag};
+use wharf::store::{self, Store};
+use wharf::AppState;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::load(cli.config.as_deref(), &cli.overrides()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wharf: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wharf: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let res = match cli.command {
+        Command::Serve { .. } => rt.block_on(serve(config)),
+        Command::History { image, json } => rt.block_on(history(config, &image, json)),
+        Command::Reindex => reindex(&config),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wharf: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Res = Result<(), Box<dyn std::error::Error>>;
+
+async fn serve(config: Config) -> Res {
+    let listen = config.listen;
+    let state = AppState::open(config)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr()?;
+    let info_path = state.config.data_dir.join("wharf/server.json");
+    std::fs::write(
+        &info_path,
+        serde_json::json!({ "addr": addr.to_string(), "pid": std::process::id() }).to_string(),
+    )?;
+    tracing::info!(%addr, data_dir = %state.config.data_dir.display(), upstream = %state.config.upstreams[0].url, "wharf listening");
+    let res = wharf::serve(listener, state, shutdown_signal()).await;
+    let _ = std::fs::remove_file(&info_path);
+    Ok(res?)
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+/// `wharf history`: asks the running server when one holds the data dir, else reads it.
+async fn history(config: Config, image: &str, json: bool) -> Res {
+    let (name, tag) = image.rsplit_once(':').ok_or("expected NAME:TAG")?;
+    let name = RepoName::parse(name).ok_or_else(|| format!("invalid repository name {name:?}"))?;
+    let tag = Tag::parse(tag).ok_or_else(|| format!("invalid tag {tag:?}"))?;
+    let value: serde_json::Value = if store::is_locked(&config.data_dir) {
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(config.data_dir.join("wharf/server.json"))?)?;
+        let mut addr: SocketAddr = info["addr"]
+            .as_str()
+            .ok_or("server.json has no addr")?
+            .parse()?;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let url = format!(
+            "http://{addr}/_wharf/history/{}/tags/{}",
+            name.as_str(),
+            tag.as_str()
+        );
+        let resp = reqwest::get(&url).await?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await?;
+        if !status.is_success() {
+            return Err(body["errors"][0]["message"]
+                .as_str()
+                .unwrap_or("request failed")
+                .into());
+        }
+        body
+    } else {
+        let state = AppState::open(config)?;
+        let key = state.repo_key(&name);
+        let entries = state.store().history(&key, &tag)?;
+        if entries.is_empty() {
+            return Err(format!("no history for {}:{tag}", key.as_str()).into());
+        }
+        serde_json::json!({ "repository": key.as_str(), "tag": tag.as_str(), "history": entries })
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!(
+        "{}:{}",
+        value["repository"].as_str().unwrap_or_default(),
+        value["tag"].as_str().unwrap_or_default()
+    );
+    println!(
+        "{:<72}  {:<24}  {:<24}",
+        "DIGEST", "FIRST SEEN", "LAST SEEN"
+    );
+    for e in value["history"].as_array().into_iter().flatten() {
+        println!(
+            "{:<72}  {:<24}  {:<24}{}",
+            e["digest"].as_str().unwrap_or_default(),
+            e["first_seen"].as_str().unwrap_or_default(),
+            e["last_seen"].as_str().unwrap_or_default(),
+            if e["current"].as_bool() == Some(true) {
+                "  (current)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+fn reindex(config: &Config) -> Res {
+    let path: &Path = &config.data_dir;
+    let store = Store::open(path)?;
+    let stats = store.reindex()?;
+    println!("{}", serde_json::to_string(&stats)?);
+    Ok(())
+}

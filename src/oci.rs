@@ -1,0 +1,312 @@
+//! The OCI distribution grammar: digests, repository names, tags and references.
+//!
+//! These newtypes are built only by their parsers, so a value that exists is valid,
+//! and every path on disk is built from them alone (no traversal can reach a path).
+
+use std::fmt;
+
+use sha2::{Digest as _, Sha256};
+
+/// OCI image index media type.
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// OCI image manifest media type.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Docker manifest list media type.
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// Docker image manifest (schema 2) media type.
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Docker schema 1 (signed) manifest media type, only recognised, never converted.
+pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+
+/// What wharf asks the upstream for, in order of preference.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// Manifests larger than this are refused (the limit distribution applies too).
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Longest repository name accepted (with the upstream prefix, clients limit it to 255).
+const MAX_NAME_LEN: usize = 255;
+
+/// A validated `sha256:<64 lowercase hex>` digest. Other algorithms are refused.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest {
+    hex: String,
+}
+
+impl Digest {
+    /// Parses `sha256:<hex>`.
+    pub fn parse(s: &str) -> Option<Digest> {
+        let hex = s.strip_prefix("sha256:")?;
+        if hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Some(Digest {
+                hex: hex.to_owned(),
+            })
+        } else {
+            None
+        }
+    }
+
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest::from_hasher(Sha256::new_with_prefix(bytes))
+    }
+
+    /// The digest a finished hasher computed.
+    pub fn from_hasher(hasher: Sha256) -> Digest {
+        Digest {
+            hex: hex::encode(hasher.finalize()),
+        }
+    }
+
+    /// The 64 hex characters.
+    pub fn hex(&self) -> &str {
+        &self.hex
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.hex)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A repository name as the OCI grammar defines it:
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RepoName(String);
+
+impl RepoName {
+    /// Parses a repository name.
+    pub fn parse(s: &str) -> Option<RepoName> {
+        if s.is_empty() || s.len() > MAX_NAME_LEN || !s.split('/').all(valid_component) {
+            return None;
+        }
+        Some(RepoName(s.to_owned()))
+    }
+
+    /// The name as clients and the upstream spell it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One path component: alphanumeric runs joined by `.`, `_`, `__` or any number of `-`.
+pub fn valid_component(c: &str) -> bool {
+    let b = c.as_bytes();
+    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+impl fmt::Display for RepoName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RepoName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tag(String);
+
+impl Tag {
+    /// Parses a tag.
+    pub fn parse(s: &str) -> Option<Tag> {
+        let b = s.as_bytes();
+        let first = |x: u8| x.is_ascii_alphanumeric() || x == b'_';
+        let rest = |x: u8| first(x) || x == b'.' || x == b'-';
+        if b.is_empty() || b.len() > 128 || !first(b[0]) || !b[1..].iter().all(|&x| rest(x)) {
+            return None;
+        }
+        Some(Tag(s.to_owned()))
+    }
+
+    /// The tag as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The `<reference>` of a manifest request: a tag or a digest.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Reference {
+    Tag(Tag),
+    Digest(Digest),
+}
+
+impl Reference {
+    /// Parses a reference: anything with a `:` must be a digest, the rest a tag.
+    pub fn parse(s: &str) -> Option<Reference> {
+        if s.contains(':') {
+            Digest::parse(s).map(Reference::Digest)
+        } else {
+            Tag::parse(s).map(Reference::Tag)
+        }
+    }
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reference::Tag(t) => t.fmt(f),
+            Reference::Digest(d) => d.fmt(f),
+        }
+    }
+}
+
+/// The media type a manifest declares, or the one its shape implies when it declares none
+/// (OCI makes `mediaType` optional). Used when the upstream's `Content-Type` is missing or
+/// generic, and by `reindex`, which has only the bytes.
+pub fn manifest_media_type(bytes: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    if let Some(mt) = v.get("mediaType").and_then(|m| m.as_str()) {
+        return Some(mt.to_owned());
+    }
+    if v.get("schemaVersion").and_then(|s| s.as_u64()) == Some(1) {
+        return Some(DOCKER_SCHEMA1_SIGNED.to_owned());
+    }
+    if v.get("manifests").is_some() {
+        return Some(OCI_INDEX.to_owned());
+    }
+    if v.get("config").is_some() || v.get("layers").is_some() {
+        return Some(OCI_MANIFEST.to_owned());
+    }
+    None
+}
+
+/// Whether a media type is an index (a list of per-platform manifests).
+pub fn is_index(media_type: &str) -> bool {
+    media_type == OCI_INDEX || media_type == DOCKER_LIST
+}
+
+/// The child of an index that serves clients which cannot read indexes: linux/amd64,
+/// as distribution picks it.
+pub fn default_platform_child(index: &[u8]) -> Option<Digest> {
+    let v: serde_json::Value = serde_json::from_slice(index).ok()?;
+    v.get("manifests")?.as_array()?.iter().find_map(|m| {
+        let p = m.get("platform")?;
+        let amd64 =
+            p.get("os")?.as_str()? == "linux" && p.get("architecture")?.as_str()? == "amd64";
+        if amd64 {
+            Digest::parse(m.get("digest")?.as_str()?)
+        } else {
+            None
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_oci_grammar() {
+        for ok in [
+            "alpine",
+            "library/alpine",
+            "a/b/c",
+            "my-app",
+            "my--app",
+            "a.b",
+            "a_b",
+            "a__b",
+            "0",
+            "ghcr.io/org/x",
+        ] {
+            assert!(RepoName::parse(ok).is_some(), "{ok} should be valid");
+        }
+        for bad in [
+            "", "Alpine", "a/../b", "..", "a//b", "/a", "a/", "a___b", "a..b", "-a", "a-", "a%2fb",
+            "a b", "a:b", ".", "a/./b",
+        ] {
+            assert!(RepoName::parse(bad).is_none(), "{bad} should be invalid");
+        }
+        assert!(RepoName::parse(&"a".repeat(256)).is_none());
+    }
+
+    #[test]
+    fn digests_and_tags_follow_the_grammar() {
+        let hex = "a".repeat(64);
+        assert!(Digest::parse(&format!("sha256:{hex}")).is_some());
+        assert!(Digest::parse(&format!("sha256:{}", "A".repeat(64))).is_none());
+        assert!(Digest::parse(&format!("sha256:{}", "a".repeat(63))).is_none());
+        assert!(Digest::parse(&format!("sha512:{hex}")).is_none());
+        assert!(Digest::parse(&format!("sha256:../{}", "a".repeat(61))).is_none());
+        assert!(Tag::parse("latest").is_some());
+        assert!(Tag::parse("_x.Y-1").is_some());
+        assert!(Tag::parse(".hidden").is_none());
+        assert!(Tag::parse("a/b").is_none());
+        assert!(Tag::parse(&"t".repeat(129)).is_none());
+        assert_eq!(
+            Digest::of(b"").to_string(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn media_type_is_inferred_when_absent() {
+        assert_eq!(
+            manifest_media_type(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(),
+            Some(OCI_INDEX)
+        );
+        assert_eq!(
+            manifest_media_type(br#"{"schemaVersion":2,"config":{}}"#).as_deref(),
+            Some(OCI_MANIFEST)
+        );
+        assert_eq!(
+            manifest_media_type(
+                br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#
+            )
+            .as_deref(),
+            Some(DOCKER_MANIFEST)
+        );
+    }
+}

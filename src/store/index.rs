@@ -1,0 +1,133 @@
+//! The sled index over the storage tree: blob sizes and media types, tag state and per-tag
+//! history with first- and last-seen times. Derived data: `reindex` rebuilds it from the tree.
+
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::oci::{Digest, Tag};
+
+use super::RepoKey;
+
+/// What the index knows of a stored blob.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BlobMeta {
+    pub size: u64,
+    /// Set for manifests: the `Content-Type` they are served with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+}
+
+/// A tag's current digest and when the upstream last confirmed it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TagMeta {
+    pub digest: String,
+    /// Unix milliseconds of the last successful revalidation (0: never, e.g. after reindex).
+    pub checked_ms: u64,
+}
+
+/// When wharf saw a tag point at one digest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Seen {
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+}
+
+pub struct Index {
+    db: sled::Db,
+    blobs: sled::Tree,
+    tags: sled::Tree,
+    history: sled::Tree,
+}
+
+fn tag_key(r: &RepoKey, t: &Tag) -> String {
+    format!("{}\t{}", r.as_str(), t.as_str())
+}
+
+fn get<T: DeserializeOwned>(tree: &sled::Tree, key: impl AsRef<[u8]>) -> sled::Result<Option<T>> {
+    Ok(tree.get(key)?.and_then(|v| serde_json::from_slice(&v).ok()))
+}
+
+fn put<T: Serialize>(tree: &sled::Tree, key: impl AsRef<[u8]>, v: &T) -> sled::Result<()> {
+    let bytes = serde_json::to_vec(v).expect("index values always serialize");
+    tree.insert(key.as_ref(), bytes)?;
+    Ok(())
+}
+
+impl Index {
+    pub fn open(path: &Path) -> sled::Result<Index> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(16 * 1024 * 1024)
+            .open()?;
+        Ok(Index {
+            blobs: db.open_tree("blobs")?,
+            tags: db.open_tree("tags")?,
+            history: db.open_tree("history")?,
+            db,
+        })
+    }
+
+    pub fn blob(&self, d: &Digest) -> sled::Result<Option<BlobMeta>> {
+        get(&self.blobs, d.hex())
+    }
+
+    pub fn put_blob(&self, d: &Digest, m: &BlobMeta) -> sled::Result<()> {
+        put(&self.blobs, d.hex(), m)
+    }
+
+    pub fn tag(&self, r: &RepoKey, t: &Tag) -> sled::Result<Option<TagMeta>> {
+        get(&self.tags, tag_key(r, t))
+    }
+
+    pub fn put_tag(&self, r: &RepoKey, t: &Tag, m: &TagMeta) -> sled::Result<()> {
+        put(&self.tags, tag_key(r, t), m)
+    }
+
+    pub fn seen(&self, r: &RepoKey, t: &Tag, d: &Digest) -> sled::Result<Option<Seen>> {
+        get(&self.history, format!("{}\t{}", tag_key(r, t), d.hex()))
+    }
+
+    pub fn put_seen(&self, r: &RepoKey, t: &Tag, d: &Digest, s: &Seen) -> sled::Result<()> {
+        put(&self.history, format!("{}\t{}", tag_key(r, t), d.hex()), s)
+    }
+
+    /// Every digest the tag pointed at, in no particular order.
+    pub fn history(&self, r: &RepoKey, t: &Tag) -> sled::Result<Vec<(Digest, Seen)>> {
+        let prefix = format!("{}\t", tag_key(r, t));
+        let mut out = Vec::new();
+        for kv in self.history.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = kv?;
+            let hex = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            if let (Some(d), Ok(s)) = (
+                Digest::parse(&format!("sha256:{hex}")),
+                serde_json::from_slice::<Seen>(&v),
+            ) {
+                out.push((d, s));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn clear(&self) -> sled::Result<()> {
+        self.blobs.clear()?;
+        self.tags.clear()?;
+        self.history.clear()
+    }
+
+    pub fn flush(&self) -> sled::Result<usize> {
+        self.db.flush()
+    }
+}
+
+impl Index {
+    /// Whether the index was built (by `reindex`) since it was created.
+    pub fn is_built(&self) -> sled::Result<bool> {
+        Ok(self.db.get("built")?.is_some())
+    }
+
+    pub fn mark_built(&self) -> sled::Result<()> {
+        self.db.insert("built", &b"1"[..])?;
+        Ok(())
+    }
+}

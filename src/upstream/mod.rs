@@ -1,0 +1,399 @@
+//! One client per configured upstream registry: requests with timeouts, token and Basic
+//! auth, redirects (reqwest drops `Authorization` when a redirect leaves the host), and the
+//! mapping of upstream answers to a few kinds the cache can decide on. Knows nothing of the cache.
+
+mod auth;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use reqwest::{header, Method, StatusCode};
+use url::Url;
+
+pub use auth::{parse_challenge, Challenge};
+use auth::{Auth, Credential, TokenResponse};
+
+use crate::config::{ConfigError, UpstreamConfig};
+use crate::metrics::Metrics;
+use crate::oci::{Digest, RepoName, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
+
+/// Why the upstream gave no usable answer. `Clone` so coalesced requests share one outcome.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("not found upstream")]
+    NotFound,
+    #[error("upstream denied access (HTTP {0})")]
+    Denied(u16),
+    #[error("upstream is rate limiting (HTTP 429)")]
+    RateLimited,
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
+    #[error("upstream sent an invalid response: {0}")]
+    Invalid(String),
+    #[error("manifest from upstream is larger than the {MAX_MANIFEST_BYTES}-byte limit")]
+    TooLarge,
+}
+
+impl UpstreamError {
+    /// Whether a cached answer should stand in for this failure (stale-on-error).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::RateLimited | UpstreamError::Unavailable(_)
+        )
+    }
+}
+
+/// What a manifest HEAD told.
+#[derive(Debug, Clone)]
+pub struct ManifestHead {
+    pub digest: Option<Digest>,
+}
+
+/// A manifest's bytes as the upstream sent them.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub bytes: Bytes,
+    pub content_type: Option<String>,
+}
+
+pub struct Upstream {
+    /// The registry host clients use; also the storage prefix of its repositories.
+    pub name: String,
+    base: Url,
+    http: reqwest::Client,
+    auth: Auth,
+    response_timeout: Duration,
+    /// How long a revalidated tag may be served without asking again.
+    pub tag_ttl: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("url", &self.base.as_str())
+            .finish()
+    }
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, ConfigError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("wharf/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(cfg.connect_timeout)
+            .read_timeout(cfg.idle_timeout)
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .build()
+            .map_err(|e| ConfigError::Invalid(format!("upstream {}: {e}", cfg.name)))?;
+        let mut base = cfg.url.clone();
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        Ok(Upstream {
+            name: cfg.name.clone(),
+            base,
+            http,
+            auth: Auth::new(cfg.username.clone(), cfg.resolved_password()?),
+            response_timeout: cfg.response_timeout,
+            tag_ttl: cfg.tag_ttl,
+            metrics,
+        })
+    }
+
+    fn url(&self, repo: &RepoName, kind: &str, reference: &str) -> Result<Url, UpstreamError> {
+        self.base
+            .join(&format!("v2/{}/{kind}/{reference}", repo.as_str()))
+            .map_err(|e| UpstreamError::Invalid(e.to_string()))
+    }
+
+    /// Sends one request for `repo`, authenticating as the upstream asks (once), and maps
+    /// failures. Returns only 2xx responses.
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        repo: &RepoName,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut cred = self.auth.credential_for(repo.as_str());
+        for attempt in 0..2 {
+            let mut req = self.http.request(method.clone(), url.clone());
+            if let Some(a) = accept {
+                req = req.header(header::ACCEPT, a);
+            }
+            req = self.authenticate(req, cred.as_ref());
+            let resp = self.timed(method.as_str(), req).await?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
+                self.auth.forget(repo.as_str());
+                let challenge = resp
+                    .headers()
+                    .get(header::WWW_AUTHENTICATE)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(parse_challenge);
+                cred = match challenge {
+                    Some(Challenge::Bearer {
+                        realm,
+                        service,
+                        scope,
+                    }) => {
+                        let scope =
+                            scope.unwrap_or_else(|| format!("repository:{}:pull", repo.as_str()));
+                        Some(
+                            self.fetch_token(repo, &realm, service.as_deref(), &scope)
+                                .await?,
+                        )
+                    }
+                    Some(Challenge::Basic) => self.auth.use_basic(),
+                    None => None,
+                };
+                if cred.is_some() {
+                    continue;
+                }
+            }
+            return self.check(resp);
+        }
+        Err(UpstreamError::Denied(401))
+    }
+
+    fn authenticate(
+        &self,
+        req: reqwest::RequestBuilder,
+        cred: Option<&Credential>,
+    ) -> reqwest::RequestBuilder {
+        match (cred, self.auth.credentials()) {
+            (Some(Credential::Bearer(t)), _) => req.bearer_auth(&t.0),
+            (Some(Credential::Basic), Some((u, p))) => req.basic_auth(u, Some(p)),
+            _ => req,
+        }
+    }
+
+    /// Sends with the response timeout and counts the request.
+    async fn timed(
+        &self,
+        method: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let start = Instant::now();
+        let res = tokio::time::timeout(self.response_timeout, req.send()).await;
+        self.metrics
+            .upstream_duration
+            .with_label_values(&[&self.name])
+            .observe(start.elapsed().as_secs_f64());
+        match res {
+            Ok(Ok(resp)) => {
+                self.metrics
+                    .upstream_requests
+                    .with_label_values(&[&self.name, method, resp.status().as_str()])
+                    .inc();
+                Ok(resp)
+            }
+            Ok(Err(e)) => {
+                let kind = if e.is_connect() {
+                    "connect"
+                } else if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "request"
+                };
+                self.fail(method, kind);
+                Err(UpstreamError::Unavailable(error_chain(&e)))
+            }
+            Err(_) => {
+                self.fail(method, "timeout");
+                Err(UpstreamError::Unavailable(format!(
+                    "no response within {:?}",
+                    self.response_timeout
+                )))
+            }
+        }
+    }
+
+    fn fail(&self, method: &str, kind: &str) {
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[&self.name, method, "error"])
+            .inc();
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[&self.name, kind])
+            .inc();
+    }
+
+    fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        if status != StatusCode::NOT_FOUND {
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[&self.name, "status"])
+                .inc();
+        }
+        Err(match status {
+            StatusCode::NOT_FOUND => UpstreamError::NotFound,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                UpstreamError::Denied(status.as_u16())
+            }
+            StatusCode::TOO_MANY_REQUESTS => UpstreamError::RateLimited,
+            s if s.is_server_error() => UpstreamError::Unavailable(format!("HTTP {}", s.as_u16())),
+            s => UpstreamError::Invalid(format!("unexpected HTTP {}", s.as_u16())),
+        })
+    }
+
+    /// Gets a Bearer token for `scope` from the realm the upstream named.
+    async fn fetch_token(
+        &self,
+        repo: &RepoName,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<Credential, UpstreamError> {
+        let mut url =
+            Url::parse(realm).map_err(|e| UpstreamError::Invalid(format!("token realm: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(UpstreamError::Invalid("token realm is not http(s)".into()));
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", scope);
+        }
+        let mut req = self.http.get(url);
+        if let Some((u, p)) = self.auth.credentials() {
+            req = req.basic_auth(u, Some(p));
+        }
+        let resp = self.timed("GET", req).await?;
+        if !resp.status().is_success() {
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[&self.name, "auth"])
+                .inc();
+            return Err(match resp.status() {
+                s if s.is_server_error() => {
+                    UpstreamError::Unavailable(format!("token endpoint HTTP {}", s.as_u16()))
+                }
+                StatusCode::TOO_MANY_REQUESTS => UpstreamError::RateLimited,
+                s => UpstreamError::Denied(s.as_u16()),
+            });
+        }
+        let t: TokenResponse = resp
+            .json()
+            .await
+            .map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
+        self.auth
+            .store_token(repo.as_str(), t)
+            .ok_or_else(|| UpstreamError::Invalid("token response has no token".into()))
+    }
+
+    /// HEAD a manifest: learns the current digest without counting as a pull.
+    pub async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+    ) -> Result<ManifestHead, UpstreamError> {
+        let url = self.url(repo, "manifests", reference)?;
+        let resp = self
+            .send(Method::HEAD, url, repo, Some(MANIFEST_ACCEPT))
+            .await?;
+        let digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|h| h.to_str().ok())
+            .and_then(Digest::parse);
+        Ok(ManifestHead { digest })
+    }
+
+    /// GETs a manifest, refusing bodies over the manifest size limit.
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+    ) -> Result<FetchedManifest, UpstreamError> {
+        let url = self.url(repo, "manifests", reference)?;
+        let resp = self
+            .send(Method::GET, url, repo, Some(MANIFEST_ACCEPT))
+            .await?;
+        if resp
+            .content_length()
+            .is_some_and(|l| l > MAX_MANIFEST_BYTES as u64)
+        {
+            return Err(UpstreamError::TooLarge);
+        }
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|h| h.to_str().ok())
+            .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned());
+        let mut body = BytesMut::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                UpstreamError::Unavailable(format!("manifest body: {}", error_chain(&e)))
+            })?;
+            if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
+                return Err(UpstreamError::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        self.metrics
+            .upstream_bytes
+            .with_label_values(&[&self.name])
+            .inc_by(body.len() as u64);
+        Ok(FetchedManifest {
+            bytes: body.freeze(),
+            content_type,
+        })
+    }
+
+    /// GETs a blob; the caller streams the body.
+    pub async fn get_blob(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let url = self.url(repo, "blobs", &d.to_string())?;
+        self.send(Method::GET, url, repo, None).await
+    }
+
+    /// HEADs a blob: its size, when the upstream says.
+    pub async fn head_blob(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+    ) -> Result<Option<u64>, UpstreamError> {
+        let url = self.url(repo, "blobs", &d.to_string())?;
+        let resp = self.send(Method::HEAD, url, repo, None).await?;
+        Ok(resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|s| s.parse().ok()))
+    }
+
+    pub fn count_body_bytes(&self, n: u64) {
+        self.metrics
+            .upstream_bytes
+            .with_label_values(&[&self.name])
+            .inc_by(n);
+    }
+}
+
+/// An error with its sources, for logs (reqwest's top-level message alone hides the cause).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
