@@ -18,10 +18,10 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
         }
     }
 
-    /// Runs `f` unless a call with `key` is in flight, in which case waits for that one.
-    /// Returns the value and whether this call joined another. If the running caller is
-    /// cancelled, a waiting one takes over. The key is free again once the call completes.
-    pub async fn run<F, Fut>(&self, key: K, f: F) -> (V, bool)
+    /// Runs `f` unless a call with `key` is in flight, in which case calls `on_join` and
+    /// waits for that one. If the running caller is cancelled, a waiting one takes over.
+    /// The key is free again once the call completes.
+    pub async fn run<F, Fut>(&self, key: K, on_join: impl FnOnce(), f: F) -> V
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
@@ -37,12 +37,15 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
                 }
             }
         };
+        if joined {
+            on_join();
+        }
         let v = cell.get_or_init(f).await.clone();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
             map.remove(&key);
         }
-        (v, joined)
+        v
     }
 }
 
@@ -61,17 +64,25 @@ mod tests {
     async fn concurrent_calls_share_one_execution() {
         let flights: Arc<Flights<&str, u32>> = Arc::new(Flights::new());
         let runs = Arc::new(AtomicUsize::new(0));
+        let joins = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(tokio::sync::Notify::new());
         let mut tasks = Vec::new();
         for _ in 0..8 {
-            let (flights, runs, gate) = (flights.clone(), runs.clone(), gate.clone());
+            let (flights, runs, gate, joins) =
+                (flights.clone(), runs.clone(), gate.clone(), joins.clone());
             tasks.push(tokio::spawn(async move {
                 flights
-                    .run("k", || async move {
-                        runs.fetch_add(1, Ordering::SeqCst);
-                        gate.notified().await;
-                        7
-                    })
+                    .run(
+                        "k",
+                        || {
+                            joins.fetch_add(1, Ordering::SeqCst);
+                        },
+                        || async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            gate.notified().await;
+                            7
+                        },
+                    )
                     .await
             }));
         }
@@ -85,13 +96,10 @@ mod tests {
             tokio::task::yield_now().await;
         }
         gate.notify_one();
-        let mut joined = 0;
         for t in tasks {
-            let (v, j) = t.await.expect("task");
-            assert_eq!(v, 7);
-            joined += usize::from(j);
+            assert_eq!(t.await.expect("task"), 7);
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
-        assert_eq!(joined, 7);
+        assert_eq!(joins.load(Ordering::SeqCst), 7);
     }
 }

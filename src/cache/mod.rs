@@ -158,16 +158,17 @@ impl Cache {
                 });
             }
         }
-        let (res, joined) = self
+        let res = self
             .tag_flights
-            .run((key.clone(), tag.clone()), || {
-                self.clone()
-                    .revalidate(up.clone(), name.clone(), key.clone(), tag.clone())
-            })
+            .run(
+                (key.clone(), tag.clone()),
+                || self.metrics.coalesced.inc(),
+                || {
+                    self.clone()
+                        .revalidate(up.clone(), name.clone(), key.clone(), tag.clone())
+                },
+            )
             .await;
-        if joined {
-            self.metrics.coalesced.inc();
-        }
         match res {
             Ok(rev) => {
                 let manifest = self
@@ -252,16 +253,13 @@ impl Cache {
                 result: ManifestResult::Hit,
             });
         }
-        let (res, joined) = self
-            .manifest_flights
-            .run((key.clone(), d.clone()), || async {
-                self.fetch_manifest(up, name, &key, d).await
-            })
-            .await;
-        if joined {
-            self.metrics.coalesced.inc();
-        }
-        res?;
+        self.manifest_flights
+            .run(
+                (key.clone(), d.clone()),
+                || self.metrics.coalesced.inc(),
+                || async { self.fetch_manifest(up, name, &key, d).await },
+            )
+            .await?;
         let manifest = self
             .store
             .manifest(&key, d)?

@@ -1,0 +1,447 @@
+//! Test harness: the real `wharf` binary on port 0, a real CNCF distribution registry as the
+//! upstream, OCI image layouts written here and pushed with skopeo, and helpers that wait on
+//! conditions with deadlines.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+pub mod fake;
+pub mod image;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `secs`.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Async twin of [`wait_for`].
+pub async fn wait_until<T, F: std::future::Future<Output = Option<T>>>(
+    secs: u64,
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn http_ok(url: &str) -> bool {
+    let Ok(out) = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-m",
+            "2",
+            "-w",
+            "%{http_code}",
+            url,
+        ])
+        .output()
+    else {
+        return false;
+    };
+    String::from_utf8_lossy(&out.stdout).starts_with('2')
+}
+
+/// Kills `pid` once this test process is gone, even if it dies without unwinding.
+fn reap_with_me(pid: u32) {
+    let me = std::process::id();
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -9 {pid} 2>/dev/null"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
+
+/// A CNCF distribution registry (Debian `docker-registry`) on a loopback port.
+pub struct Registry {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub root: PathBuf,
+    _dir: Option<TempDir>,
+}
+
+impl Registry {
+    /// A fresh registry with its own storage.
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("storage");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        let mut r = Registry::serve(&root, false);
+        r._dir = Some(dir);
+        r
+    }
+
+    /// A registry serving an existing storage root (read-only: deletes disabled, no pushes made).
+    pub fn serve(root: &Path, read_only: bool) -> Registry {
+        for _ in 0..3 {
+            let port = free_port();
+            let cfg_dir = root.parent().expect("root has a parent").to_path_buf();
+            let cfg = cfg_dir.join(format!("registry-{port}.yml"));
+            let ro = if read_only {
+                "  maintenance:\n    readonly:\n      enabled: true\n"
+            } else {
+                ""
+            };
+            std::fs::write(
+                &cfg,
+                format!(
+                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n{ro}http:\n  addr: 127.0.0.1:{port}\n  secret: test\n",
+                    root.display()
+                ),
+            )
+            .expect("write registry config");
+            let log =
+                std::fs::File::create(cfg_dir.join(format!("registry-{port}.log"))).expect("log");
+            let child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&cfg)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("docker-registry runs (apt-get install docker-registry)");
+            reap_with_me(child.id());
+            let mut reg = Registry {
+                child: Some(child),
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                root: root.to_path_buf(),
+                _dir: None,
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if http_ok(&format!("http://{}/v2/", reg.addr)) {
+                    return reg;
+                }
+                if let Some(c) = reg.child.as_mut() {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        break; // port taken between our probe and its bind: try another
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            reg.stop();
+        }
+        panic!("docker-registry did not start");
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the registry (the upstream goes away).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs skopeo with a deadline; panics with its output when it fails.
+pub fn skopeo(args: &[&str]) -> String {
+    let out = skopeo_try(args);
+    match out {
+        Ok(s) => s,
+        Err(e) => panic!("skopeo {args:?} failed: {e}"),
+    }
+}
+
+pub fn skopeo_try(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("timeout")
+        .arg("300")
+        .arg("skopeo")
+        .arg("--insecure-policy")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("skopeo runs (apt-get install skopeo)");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// `skopeo copy --all` from an OCI layout to a registry over plain http.
+pub fn push(layout: &Path, reference: &str, dest: &str) {
+    skopeo(&[
+        "copy",
+        "-q",
+        "--all",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:{reference}", layout.display()),
+        &format!("docker://{dest}"),
+    ]);
+}
+
+/// `skopeo copy --all` from a registry over plain http into a new OCI layout.
+pub fn pull(src: &str, out: &Path) -> Result<String, String> {
+    skopeo_try(&[
+        "copy",
+        "-q",
+        "--all",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        &format!("docker://{src}"),
+        &format!("oci:{}:pulled", out.display()),
+    ])
+}
+
+/// The real `wharf` binary, serving on a loopback port it chose itself.
+pub struct Wharf {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    pub config: PathBuf,
+    log: PathBuf,
+    dir: TempDir,
+}
+
+pub fn wharf_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_wharf")
+}
+
+impl Wharf {
+    /// Starts wharf with one upstream named `registry.test` at `upstream` and extra TOML
+    /// lines for that upstream (e.g. `response_timeout = "1s"`).
+    pub fn start(upstream: &str, upstream_extra: &str) -> Wharf {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("wharf.toml");
+        std::fs::write(
+            &config,
+            format!("shutdown_grace = \"5s\"\n[[upstreams]]\nname = \"registry.test\"\nurl = \"{upstream}\"\n{upstream_extra}\n"),
+        )
+        .expect("write config");
+        let data = dir.path().join("data");
+        let log = dir.path().join("wharf.log");
+        let mut w = Wharf {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data,
+            config,
+            log,
+            dir,
+        };
+        w.launch();
+        w
+    }
+
+    fn launch(&mut self) {
+        let _ = std::fs::remove_file(self.data.join("wharf/server.json"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(wharf_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&self.config)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .env("RUST_LOG", "wharf=debug,info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("wharf starts");
+        reap_with_me(child.id());
+        self.child = Some(child);
+        let info = self.data.join("wharf/server.json");
+        let addr = wait_for(20, "wharf to listen", || {
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&info).ok()?).ok()?;
+            v["addr"].as_str()?.parse::<SocketAddr>().ok()
+        });
+        self.addr = addr;
+        wait_for(20, "wharf /v2/", || {
+            http_ok(&format!("http://{addr}/v2/")).then_some(())
+        });
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `host:port` for image references.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("wharf is running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        wait_for(30, "wharf to exit after SIGTERM", || {
+            c.try_wait().ok().flatten()
+        })
+    }
+
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            assert!(self.stop().success(), "wharf exits cleanly on SIGTERM");
+        }
+        self.launch();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn tmp(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs the wharf CLI against this instance's data dir.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(wharf_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .output()
+            .expect("wharf cli runs")
+    }
+
+    /// Sum of every series of `name` whose labels include all of `labels`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        metric_sum(&text, name, labels)
+    }
+}
+
+/// Sums the series of `name` in a Prometheus text exposition that carry all `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest),
+                None => (series, ""),
+            };
+            if n != name
+                || !labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            {
+                return None;
+            }
+            value.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+impl Drop for Wharf {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("---- wharf log (last lines) ----");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// Every blob digest (`sha256:<hex>`) in an OCI layout.
+pub fn layout_blobs(layout: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(layout.join("blobs/sha256"))
+        .expect("layout has blobs")
+        .map(|e| format!("sha256:{}", e.expect("entry").file_name().to_string_lossy()))
+        .collect()
+}
+
+/// The digest of the top manifest in an OCI layout's index.json.
+pub fn layout_top_digest(layout: &Path) -> String {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index.json"))
+            .expect("json");
+    v["manifests"][0]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned()
+}
+
+/// Every file below `dir`, with its size, for before/after comparisons.
+pub fn tree_listing(dir: &Path) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                out.push((
+                    p.strip_prefix(dir).expect("below").display().to_string(),
+                    len,
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
