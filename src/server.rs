@@ -20,6 +20,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
+    let flusher = tokio::spawn(flush_access_periodically(state.clone()));
     let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
     loop {
@@ -52,6 +53,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    flusher.abort();
     let grace = state.config.shutdown_grace;
     tracing::info!(?grace, "shutting down: waiting for in-flight requests");
     tokio::select! {
@@ -62,4 +64,18 @@ pub async fn serve(
         tracing::error!(error = %e, "index flush failed");
     }
     Ok(())
+}
+
+/// Writes batched last-access times to the index now and then.
+async fn flush_access_periodically(state: AppState) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        let store = state.store().clone();
+        match tokio::task::spawn_blocking(move || store.flush_access()).await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "writing last-access times failed"),
+            Err(e) => tracing::warn!(error = %e, "last-access flush task failed"),
+            Ok(Ok(_)) => {}
+        }
+    }
 }

@@ -79,13 +79,26 @@ async fn wrong_upstream_bytes_are_never_cached_or_served_complete() {
     let good = noise("wrong", 300_000);
     let d = fake.blob(good.clone());
     let mut evil = good.clone();
-    evil[150_000] ^= 0xff;
-    fake.set_blob_mode(&d, BlobMode::Wrong(evil));
+    evil[250_000] ^= 0xff;
+    // The client is already reading when the bad bytes stream in, so it would see them all
+    // unless wharf holds the tail back until the digest is checked.
+    fake.set_blob_mode(&d, BlobMode::WrongGatedAfter(evil, 64 * 1024));
     let w = Wharf::start(&fake.url(), "");
     let url = w.url(&format!("/v2/app/blobs/{d}"));
-
+    let client_task = tokio::spawn({
+        let url = url.clone();
+        async move { get_all(&url).await }
+    });
+    wait_until(20, "the client to be streaming", || async {
+        (w.metric("wharf_blob_requests_total", &[("result", "miss")])
+            .await
+            >= 1.0)
+            .then_some(())
+    })
+    .await;
+    fake.open_gate();
     // Either the transfer is cut (Err) or it must not look complete.
-    if let Ok((status, body)) = get_all(&url).await {
+    if let Ok((status, body)) = client_task.await.expect("task") {
         assert!(
             !(status.is_success() && body.len() == good.len()),
             "a bad blob must never arrive complete"
@@ -630,4 +643,69 @@ async fn index_is_negotiated_for_clients_that_cannot_read_it() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-content-digest"], idx.as_str());
     assert_eq!(r.headers()["content-type"], OCI_INDEX);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_ttl_serves_a_fresh_tag_without_asking_upstream() {
+    let fake = Fake::start().await;
+    let m = fake.manifest(
+        "app",
+        Some("latest"),
+        OCI_MANIFEST,
+        br#"{"schemaVersion":2,"config":{},"layers":[]}"#.to_vec(),
+    );
+    let w = Wharf::start(&fake.url(), "tag_ttl = \"1h\"");
+    let url = w.url("/v2/app/manifests/latest");
+    for _ in 0..3 {
+        let r = client().get(&url).send().await.expect("get");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["docker-content-digest"], m.as_str());
+    }
+    assert_eq!(
+        fake.count("HEAD", "/manifests/latest"),
+        1,
+        "one revalidation within the ttl"
+    );
+    assert_eq!(
+        w.metric("wharf_manifest_requests_total", &[("result", "hit")])
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_uses_the_password_file_and_never_logs_it() {
+    let fake = Fake::start().await;
+    // base64("user:secret")
+    fake.require_basic("Basic dXNlcjpzZWNyZXQ=");
+    fake.manifest(
+        "org/private",
+        Some("1"),
+        OCI_MANIFEST,
+        br#"{"schemaVersion":2,"config":{},"layers":[]}"#.to_vec(),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "secret\n").expect("password file");
+    let w = Wharf::start(
+        &fake.url(),
+        &format!("username = \"user\"\npassword_file = \"{}\"", pw.display()),
+    );
+    let r = client()
+        .get(w.url("/v2/org/private/manifests/1"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 200);
+    let authed = fake
+        .seen()
+        .into_iter()
+        .filter(|s| s.authorization.as_deref() == Some("Basic dXNlcjpzZWNyZXQ="))
+        .count();
+    assert!(authed >= 2, "HEAD and GET carried the credentials");
+    let log = w.log();
+    assert!(
+        !log.contains("secret") && !log.contains("dXNlcjpzZWNyZXQ"),
+        "credentials never logged"
+    );
 }

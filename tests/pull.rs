@@ -215,8 +215,12 @@ async fn stock_registry_serves_wharfs_data_dir() {
     );
 
     // A lost index is rebuilt from the tree at start-up: the history is still there.
+    // A temp file a crash left behind is cleaned away.
     std::fs::remove_dir_all(w.data.join("wharf/index")).expect("remove index");
+    let leftover = w.data.join("wharf/tmp/12345-0");
+    std::fs::write(&leftover, b"half a blob").expect("leftover");
     w.restart();
+    assert!(!leftover.exists(), "temp files are cleaned at start-up");
     let h: serde_json::Value = reqwest::get(w.url("/_wharf/history/demo/base/tags/1.0"))
         .await
         .expect("history")

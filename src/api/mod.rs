@@ -100,6 +100,7 @@ async fn dispatch(
                 .with_label_values(&[&up.name, method, result])
                 .inc();
             let m = res?;
+            state.store().touch(&m.digest);
             tracing::debug!(upstream = %up.name, repository = %name, digest = %m.digest, cache = result, "manifest");
             Ok(manifest_response(&m, head))
         }

@@ -329,3 +329,69 @@ impl FillJob {
         Ok(written)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fill whose state the test drives, over a spool file of `len` bytes.
+    fn fill(len: usize) -> (Arc<Fill>, watch::Sender<FillState>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spool");
+        std::fs::write(&path, vec![7u8; len]).expect("spool");
+        let (tx, rx) = watch::channel(FillState::Streaming {
+            size: Some(len as u64),
+            written: len as u64,
+        });
+        let file = Arc::new(File::open(&path).expect("open"));
+        (
+            Arc::new(Fill {
+                digest: Digest::of(b""),
+                state: rx,
+                file,
+            }),
+            tx,
+            dir,
+        )
+    }
+
+    async fn receive_at_least(rx: &mut mpsc::Receiver<io::Result<Bytes>>, n: usize) -> usize {
+        let mut got = 0;
+        while got < n {
+            match rx.recv().await {
+                Some(Ok(b)) => got += b.len(),
+                other => panic!("expected data, got {other:?}"),
+            }
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn readers_never_get_the_last_byte_before_verification() {
+        let (fill, state, _dir) = fill(1000);
+        let (tx, mut rx) = mpsc::channel(4);
+        fill.stream(tx, |_| {});
+        let got = receive_at_least(&mut rx, 999).await;
+        state.send_replace(FillState::Failed(CacheError::Internal(
+            "digest mismatch".into(),
+        )));
+        assert!(
+            matches!(rx.recv().await, Some(Err(_))),
+            "the transfer is cut"
+        );
+        assert_eq!(got, 999, "everything but the unverified last byte");
+    }
+
+    #[tokio::test]
+    async fn readers_get_the_last_byte_once_verified() {
+        let (fill, state, _dir) = fill(1000);
+        let (tx, mut rx) = mpsc::channel(4);
+        fill.stream(tx, |_| {});
+        let mut got = receive_at_least(&mut rx, 999).await;
+        state.send_replace(FillState::Done { size: 1000 });
+        while let Some(chunk) = rx.recv().await {
+            got += chunk.expect("data").len();
+        }
+        assert_eq!(got, 1000);
+    }
+}

@@ -342,6 +342,7 @@ impl Cache {
             Some(file) => {
                 let size = file.metadata().map_err(StoreError::from)?.len();
                 self.store.link_layer(key, d)?;
+                self.store.touch(d);
                 Ok(Some(BlobSource::Cached { file, size }))
             }
             None => Ok(None),

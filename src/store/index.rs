@@ -16,6 +16,9 @@ pub struct BlobMeta {
     /// Set for manifests: the `Content-Type` they are served with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
+    /// Unix milliseconds of the last time it was served (0: not since indexing).
+    #[serde(default)]
+    pub accessed_ms: u64,
 }
 
 /// A tag's current digest and when the upstream last confirmed it.

@@ -5,9 +5,11 @@
 mod index;
 mod tree;
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -121,6 +123,9 @@ pub struct ReindexStats {
 pub struct Store {
     tree: Tree,
     index: Index,
+    /// Last-access times not yet written to the index: reads stay free of index writes,
+    /// and `flush_access` writes them in one batch.
+    accessed: Mutex<HashMap<Digest, u64>>,
     /// Held for the store's lifetime: one process per data dir.
     _lock: File,
 }
@@ -190,6 +195,7 @@ impl Store {
         let store = Store {
             tree,
             index,
+            accessed: Mutex::new(HashMap::new()),
             _lock: lock,
         };
         if !store.index.is_built()? {
@@ -221,9 +227,35 @@ impl Store {
             &BlobMeta {
                 size,
                 media_type: None,
+                accessed_ms: now_ms(),
             },
         )?;
         Ok(())
+    }
+
+    /// Notes that blob `d` was served (written to the index by `flush_access`).
+    pub fn touch(&self, d: &Digest) {
+        self.accessed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(d.clone(), now_ms());
+    }
+
+    /// Writes the pending last-access times to the index; returns how many.
+    pub fn flush_access(&self) -> Result<usize, StoreError> {
+        let pending = std::mem::take(&mut *self.accessed.lock().unwrap_or_else(|p| p.into_inner()));
+        for (d, t) in &pending {
+            if let Some(mut m) = self.index.blob(d)? {
+                m.accessed_ms = m.accessed_ms.max(*t);
+                self.index.put_blob(d, &m)?;
+            }
+        }
+        Ok(pending.len())
+    }
+
+    /// What the index knows of blob `d`.
+    pub fn blob_meta(&self, d: &Digest) -> Result<Option<BlobMeta>, StoreError> {
+        Ok(self.index.blob(d)?)
     }
 
     /// Records that `repo` holds blob `d` (distribution needs the link to serve it).
@@ -271,6 +303,7 @@ impl Store {
             &BlobMeta {
                 size: bytes.len() as u64,
                 media_type: Some(media_type.to_owned()),
+                accessed_ms: now_ms(),
             },
         )?;
         let link = self.tree.revision_link(r, d);
@@ -378,6 +411,7 @@ impl Store {
                     &BlobMeta {
                         size,
                         media_type: None,
+                        accessed_ms: 0,
                     },
                 )?;
                 stats.blobs += 1;
@@ -402,6 +436,7 @@ impl Store {
                             &BlobMeta {
                                 size: bytes.len() as u64,
                                 media_type: Some(mt),
+                                accessed_ms: 0,
                             },
                         )?;
                         stats.manifests += 1;
@@ -467,6 +502,7 @@ impl Store {
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.flush_access()?;
         self.index.flush()?;
         Ok(())
     }
@@ -563,6 +599,41 @@ mod tests {
         );
         let m = store.manifest(&r, &a).expect("read").expect("cached");
         assert_eq!(m.media_type, crate::oci::OCI_MANIFEST);
+    }
+
+    #[test]
+    fn last_access_is_batched_into_the_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let d = Digest::of(b"{\"config\":{}}");
+        store
+            .put_manifest(&repo(), &d, b"{\"config\":{}}", crate::oci::OCI_MANIFEST)
+            .expect("put");
+        let before = store
+            .blob_meta(&d)
+            .expect("meta")
+            .expect("indexed")
+            .accessed_ms;
+        store.touch(&d);
+        assert_eq!(
+            store
+                .blob_meta(&d)
+                .expect("meta")
+                .expect("indexed")
+                .accessed_ms,
+            before,
+            "no index write on read"
+        );
+        assert_eq!(store.flush_access().expect("flush"), 1);
+        assert!(
+            store
+                .blob_meta(&d)
+                .expect("meta")
+                .expect("indexed")
+                .accessed_ms
+                >= before
+        );
+        assert_eq!(store.flush_access().expect("flush"), 0);
     }
 
     #[test]

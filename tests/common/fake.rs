@@ -43,6 +43,8 @@ pub enum BlobMode {
     CutAfter(usize),
     /// Send the first `n` bytes, then wait until the gate opens.
     GatedAfter(usize),
+    /// Like `GatedAfter`, but serving these bytes instead of the blob's.
+    WrongGatedAfter(Vec<u8>, usize),
     /// 307 to the same server under the host name `localhost` (another host to a client).
     RedirectToLocalhost,
 }
@@ -68,6 +70,8 @@ pub struct State {
     pub token_ttl: Mutex<Option<u64>>,
     pub tokens: Mutex<HashSet<String>>,
     pub tokens_issued: Mutex<u32>,
+    /// When set, /v2/ requests need exactly this `Authorization` value (Basic auth).
+    pub basic: Mutex<Option<String>>,
     gate: Mutex<Option<watch::Sender<bool>>>,
 }
 
@@ -173,6 +177,10 @@ impl Fake {
     /// Invalidates every issued token, as an expiry on the server side would.
     pub fn revoke_tokens(&self) {
         self.state.tokens.lock().expect("lock").clear();
+    }
+
+    pub fn require_basic(&self, expected_header: &str) {
+        *self.state.basic.lock().expect("lock") = Some(expected_header.to_owned());
     }
 
     pub fn tokens_issued(&self) -> u32 {
@@ -282,6 +290,16 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
             );
         }
     }
+    let basic = st.basic.lock().expect("lock").clone();
+    if let Some(expected) = basic {
+        if authorization.as_deref() != Some(expected.as_str()) {
+            return full(
+                401,
+                &[("www-authenticate", "Basic realm=\"fake\"".into())],
+                b"{}".to_vec(),
+            );
+        }
+    }
     if rest.is_empty() {
         return full(200, &[], b"{}".to_vec());
     }
@@ -351,6 +369,10 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
             if head {
                 return full(200, &[len_h], vec![]);
             }
+            let (bytes, mode) = match mode {
+                BlobMode::WrongGatedAfter(other, k) => (other, BlobMode::GatedAfter(k)),
+                m => (bytes, m),
+            };
             match mode {
                 BlobMode::Normal => full(200, &[len_h], bytes),
                 BlobMode::Wrong(other) => {
@@ -364,6 +386,7 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
                     )],
                     vec![],
                 ),
+                BlobMode::WrongGatedAfter(..) => unreachable!("mapped to GatedAfter above"),
                 BlobMode::CutAfter(k) | BlobMode::GatedAfter(k) => {
                     let (tx, rx) = mpsc::channel(4);
                     let gate = st
