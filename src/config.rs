@@ -13,6 +13,9 @@ use url::Url;
 
 use crate::oci::valid_component;
 
+/// Top-level keys, the only ones taken from `WHARF_…` environment variables.
+const CONFIG_KEYS: &[&str] = &["listen", "data_dir", "shutdown_grace", "upstreams"];
+
 /// Everything wharf reads at start-up.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,7 +160,13 @@ impl Config {
             }
             fig = fig.merge(Toml::file(file));
         }
-        fig = fig.merge(Env::prefixed("WHARF_").split("__"));
+        // Only configuration keys: other WHARF_* variables (WHARF_CONFIG, a script's
+        // WHARF_BIN) are not configuration and must not trip deny_unknown_fields.
+        let env = Env::prefixed("WHARF_").split("__").filter(|k| {
+            let top = k.as_str().split("__").next().unwrap_or("");
+            CONFIG_KEYS.iter().any(|c| top.eq_ignore_ascii_case(c))
+        });
+        fig = fig.merge(env);
         let mut cfg: Config = fig.extract().map_err(Box::new)?;
         if let Some(l) = overrides.listen {
             cfg.listen = l;
@@ -214,37 +223,61 @@ impl Config {
 }
 
 #[cfg(test)]
+// figment::Jail's closures return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
     #[test]
     fn defaults_proxy_docker_hub() {
-        let c = Config::load(None, &Overrides::default()).expect("defaults load");
-        assert_eq!(c.listen.port(), 5000);
-        assert_eq!(c.upstreams[0].name, "docker.io");
-        assert_eq!(c.upstreams[0].url.as_str(), "https://registry-1.docker.io/");
-        assert_eq!(c.upstreams[0].tag_ttl, Duration::ZERO);
+        // Every test that loads configuration runs in a Jail: the environment is shared.
+        figment::Jail::expect_with(|_| {
+            let c = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.listen.port(), 5000);
+            assert_eq!(c.upstreams[0].name, "docker.io");
+            assert_eq!(c.upstreams[0].url.as_str(), "https://registry-1.docker.io/");
+            assert_eq!(c.upstreams[0].tag_ttl, Duration::ZERO);
+            Ok(())
+        });
     }
 
     #[test]
     fn file_then_flags_layer_over_defaults() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let f = dir.path().join("w.toml");
-        std::fs::write(
-            &f,
-            "data_dir = \"/srv/w\"\n[[upstreams]]\nname = \"ghcr.io\"\nurl = \"https://ghcr.io\"\ntag_ttl = \"5m\"\npassword = \"hunter2\"\n",
-        )
-        .expect("write");
-        let o = Overrides {
-            listen: Some("127.0.0.1:7000".parse().expect("addr")),
-            ..Default::default()
-        };
-        let c = Config::load(Some(&f), &o).expect("loads");
-        assert_eq!(c.data_dir, PathBuf::from("/srv/w"));
-        assert_eq!(c.listen.port(), 7000);
-        assert_eq!(c.upstreams.len(), 1);
-        assert_eq!(c.upstreams[0].tag_ttl, Duration::from_secs(300));
-        assert!(!format!("{c:?}").contains("hunter2"), "secrets never print");
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "w.toml",
+                "data_dir = \"/srv/w\"\n[[upstreams]]\nname = \"ghcr.io\"\nurl = \"https://ghcr.io\"\ntag_ttl = \"5m\"\npassword = \"hunter2\"\n",
+            )?;
+            let o = Overrides {
+                listen: Some("127.0.0.1:7000".parse().expect("addr")),
+                ..Default::default()
+            };
+            let c = Config::load(Some(Path::new("w.toml")), &o).map_err(|e| e.to_string())?;
+            assert_eq!(c.data_dir, PathBuf::from("/srv/w"));
+            assert_eq!(c.listen.port(), 7000);
+            assert_eq!(c.upstreams.len(), 1);
+            assert_eq!(c.upstreams[0].tag_ttl, Duration::from_secs(300));
+            assert!(!format!("{c:?}").contains("hunter2"), "secrets never print");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_layers_over_the_file_and_ignores_other_wharf_variables() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "w.toml",
+                "data_dir = \"/from/file\"\nshutdown_grace = \"9s\"\n",
+            )?;
+            jail.set_env("WHARF_DATA_DIR", "/from/env");
+            jail.set_env("WHARF_BIN", "/usr/local/bin/wharf");
+            jail.set_env("WHARF_CONFIG", "w.toml");
+            let c = Config::load(Some(Path::new("w.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(c.data_dir, PathBuf::from("/from/env"));
+            assert_eq!(c.shutdown_grace, Duration::from_secs(9));
+            Ok(())
+        });
     }
 
     #[test]

@@ -57,7 +57,8 @@ impl ApiError {
             ApiError::RangeNotSatisfiable(_) => {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID")
             }
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            // No route: an OCI code all the same, as the spec's error format requires one.
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         }
     }
