@@ -9,11 +9,7 @@ use url::Url;
 use crate::config::Overrides;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "wharf",
-    version,
-    about = "A pull-through caching proxy for OCI / Docker registries"
-)]
+#[command(name = "wharf", version, about = "A pull-through caching proxy for OCI / Docker registries")]
 pub struct Cli {
     /// TOML configuration file (see config.example.toml).
     #[arg(long, global = true, env = "WHARF_CONFIG")]
@@ -52,10 +48,7 @@ pub enum Command {
 impl Cli {
     /// The configuration layers given as flags.
     pub fn overrides(&self) -> Overrides {
-        let mut o = Overrides {
-            data_dir: self.data_dir.clone(),
-            ..Default::default()
-        };
+        let mut o = Overrides { data_dir: self.data_dir.clone(), ..Default::default() };
         if let Command::Serve { listen, upstream } = &self.command {
             o.listen = *listen;
             o.upstream = upstream.clone();

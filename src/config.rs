@@ -123,9 +123,7 @@ impl UpstreamConfig {
         match &self.password_file {
             Some(path) => std::fs::read_to_string(path)
                 .map(|s| Some(Secret(s.trim_end_matches(['\n', '\r']).to_owned())))
-                .map_err(|e| {
-                    ConfigError::Invalid(format!("password_file {}: {e}", path.display()))
-                }),
+                .map_err(|e| ConfigError::Invalid(format!("password_file {}: {e}", path.display()))),
             None => Ok(None),
         }
     }
@@ -153,10 +151,7 @@ impl Config {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             if !file.exists() {
-                return Err(ConfigError::Invalid(format!(
-                    "config file {} not found",
-                    file.display()
-                )));
+                return Err(ConfigError::Invalid(format!("config file {} not found", file.display())));
             }
             fig = fig.merge(Toml::file(file));
         }
@@ -177,9 +172,7 @@ impl Config {
         if let Some(u) = &overrides.upstream {
             match cfg.upstreams.first_mut() {
                 Some(first) => first.url = u.clone(),
-                None => cfg
-                    .upstreams
-                    .push(UpstreamConfig::new("docker.io", u.clone())),
+                None => cfg.upstreams.push(UpstreamConfig::new("docker.io", u.clone())),
             }
         }
         cfg.validate()?;
@@ -189,9 +182,7 @@ impl Config {
     /// Checks what serde cannot: names usable as storage paths, URL schemes.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.upstreams.is_empty() {
-            return Err(ConfigError::Invalid(
-                "at least one [[upstreams]] entry is needed".into(),
-            ));
+            return Err(ConfigError::Invalid("at least one [[upstreams]] entry is needed".into()));
         }
         for (i, u) in self.upstreams.iter().enumerate() {
             if !valid_component(&u.name) {
@@ -201,10 +192,7 @@ impl Config {
                 )));
             }
             if self.upstreams[..i].iter().any(|o| o.name == u.name) {
-                return Err(ConfigError::Invalid(format!(
-                    "upstreams[{i}].name {:?} is used twice",
-                    u.name
-                )));
+                return Err(ConfigError::Invalid(format!("upstreams[{i}].name {:?} is used twice", u.name)));
             }
             if !matches!(u.url.scheme(), "http" | "https") || u.url.host().is_none() {
                 return Err(ConfigError::Invalid(format!(
@@ -248,10 +236,7 @@ mod tests {
                 "w.toml",
                 "data_dir = \"/srv/w\"\n[[upstreams]]\nname = \"ghcr.io\"\nurl = \"https://ghcr.io\"\ntag_ttl = \"5m\"\npassword = \"hunter2\"\n",
             )?;
-            let o = Overrides {
-                listen: Some("127.0.0.1:7000".parse().expect("addr")),
-                ..Default::default()
-            };
+            let o = Overrides { listen: Some("127.0.0.1:7000".parse().expect("addr")), ..Default::default() };
             let c = Config::load(Some(Path::new("w.toml")), &o).map_err(|e| e.to_string())?;
             assert_eq!(c.data_dir, PathBuf::from("/srv/w"));
             assert_eq!(c.listen.port(), 7000);
@@ -265,15 +250,12 @@ mod tests {
     #[test]
     fn environment_layers_over_the_file_and_ignores_other_wharf_variables() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file(
-                "w.toml",
-                "data_dir = \"/from/file\"\nshutdown_grace = \"9s\"\n",
-            )?;
+            jail.create_file("w.toml", "data_dir = \"/from/file\"\nshutdown_grace = \"9s\"\n")?;
             jail.set_env("WHARF_DATA_DIR", "/from/env");
             jail.set_env("WHARF_BIN", "/usr/local/bin/wharf");
             jail.set_env("WHARF_CONFIG", "w.toml");
-            let c = Config::load(Some(Path::new("w.toml")), &Overrides::default())
-                .map_err(|e| e.to_string())?;
+            let c =
+                Config::load(Some(Path::new("w.toml")), &Overrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(c.data_dir, PathBuf::from("/from/env"));
             assert_eq!(c.shutdown_grace, Duration::from_secs(9));
             Ok(())

@@ -29,10 +29,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wharf: cannot start the runtime: {e}");
@@ -58,9 +55,7 @@ type Res = Result<(), Box<dyn std::error::Error>>;
 async fn serve(config: Config) -> Res {
     let listen = config.listen;
     let state = AppState::open(config)?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let listener = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
     let info_path = state.config.data_dir.join("wharf/server.json");
     std::fs::write(
@@ -96,26 +91,16 @@ async fn history(config: Config, image: &str, json: bool) -> Res {
     let value: serde_json::Value = if store::is_locked(&config.data_dir) {
         let info: serde_json::Value =
             serde_json::from_slice(&std::fs::read(config.data_dir.join("wharf/server.json"))?)?;
-        let mut addr: SocketAddr = info["addr"]
-            .as_str()
-            .ok_or("server.json has no addr")?
-            .parse()?;
+        let mut addr: SocketAddr = info["addr"].as_str().ok_or("server.json has no addr")?.parse()?;
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
-        let url = format!(
-            "http://{addr}/_wharf/history/{}/tags/{}",
-            name.as_str(),
-            tag.as_str()
-        );
+        let url = format!("http://{addr}/_wharf/history/{}/tags/{}", name.as_str(), tag.as_str());
         let resp = reqwest::get(&url).await?;
         let status = resp.status();
         let body: serde_json::Value = resp.json().await?;
         if !status.is_success() {
-            return Err(body["errors"][0]["message"]
-                .as_str()
-                .unwrap_or("request failed")
-                .into());
+            return Err(body["errors"][0]["message"].as_str().unwrap_or("request failed").into());
         }
         body
     } else {
@@ -136,21 +121,14 @@ async fn history(config: Config, image: &str, json: bool) -> Res {
         value["repository"].as_str().unwrap_or_default(),
         value["tag"].as_str().unwrap_or_default()
     );
-    println!(
-        "{:<72}  {:<24}  {:<24}",
-        "DIGEST", "FIRST SEEN", "LAST SEEN"
-    );
+    println!("{:<72}  {:<24}  {:<24}", "DIGEST", "FIRST SEEN", "LAST SEEN");
     for e in value["history"].as_array().into_iter().flatten() {
         println!(
             "{:<72}  {:<24}  {:<24}{}",
             e["digest"].as_str().unwrap_or_default(),
             e["first_seen"].as_str().unwrap_or_default(),
             e["last_seen"].as_str().unwrap_or_default(),
-            if e["current"].as_bool() == Some(true) {
-                "  (current)"
-            } else {
-                ""
-            }
+            if e["current"].as_bool() == Some(true) { "  (current)" } else { "" }
         );
     }
     Ok(())

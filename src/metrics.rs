@@ -2,8 +2,8 @@
 //! units; label values are bounded sets (never a digest, a client address or a free string).
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Handles to all metrics of one server (no globals: two servers can share a process).
@@ -41,8 +41,7 @@ pub struct Metrics {
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
-    r.register(Box::new(c.clone()))
-        .expect("metric registered once");
+    r.register(Box::new(c.clone())).expect("metric registered once");
     c
 }
 
@@ -50,8 +49,7 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Histogram
     let buckets = exponential_buckets(0.0005, 2.5, 14).expect("bucket definition is valid");
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
         .expect("metric definition is valid");
-    r.register(Box::new(h.clone()))
-        .expect("metric registered once");
+    r.register(Box::new(h.clone())).expect("metric registered once");
     h
 }
 
@@ -63,15 +61,10 @@ impl Metrics {
             "Requests that joined an upstream fetch or revalidation in flight",
         )
         .expect("metric definition is valid");
-        r.register(Box::new(coalesced.clone()))
-            .expect("metric registered once");
-        let inflight = IntGauge::new(
-            "wharf_inflight_downloads",
-            "Blob downloads from upstreams in progress",
-        )
-        .expect("metric definition is valid");
-        r.register(Box::new(inflight.clone()))
-            .expect("metric registered once");
+        r.register(Box::new(coalesced.clone())).expect("metric registered once");
+        let inflight = IntGauge::new("wharf_inflight_downloads", "Blob downloads from upstreams in progress")
+            .expect("metric definition is valid");
+        r.register(Box::new(inflight.clone())).expect("metric registered once");
         let build = IntGauge::with_opts(
             Opts::new("wharf_build_info", "Build information")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
@@ -146,12 +139,7 @@ impl Metrics {
                 "Upstream content that did not match its digest",
                 &["upstream"],
             ),
-            errors: counter(
-                &r,
-                "wharf_errors_total",
-                "Error responses by OCI error code",
-                &["code"],
-            ),
+            errors: counter(&r, "wharf_errors_total", "Error responses by OCI error code", &["code"]),
             coalesced,
             inflight_downloads: inflight,
             registry: r,

@@ -40,14 +40,8 @@ impl Digest {
     /// Parses `sha256:<hex>`.
     pub fn parse(s: &str) -> Option<Digest> {
         let hex = s.strip_prefix("sha256:")?;
-        if hex.len() == 64
-            && hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            Some(Digest {
-                hex: hex.to_owned(),
-            })
+        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            Some(Digest { hex: hex.to_owned() })
         } else {
             None
         }
@@ -60,9 +54,7 @@ impl Digest {
 
     /// The digest a finished hasher computed.
     pub fn from_hasher(hasher: Sha256) -> Digest {
-        Digest {
-            hex: hex::encode(hasher.finalize()),
-        }
+        Digest { hex: hex::encode(hasher.finalize()) }
     }
 
     /// The 64 hex characters.
@@ -233,8 +225,7 @@ pub fn default_platform_child(index: &[u8]) -> Option<Digest> {
     let v: serde_json::Value = serde_json::from_slice(index).ok()?;
     v.get("manifests")?.as_array()?.iter().find_map(|m| {
         let p = m.get("platform")?;
-        let amd64 =
-            p.get("os")?.as_str()? == "linux" && p.get("architecture")?.as_str()? == "amd64";
+        let amd64 = p.get("os")?.as_str()? == "linux" && p.get("architecture")?.as_str()? == "amd64";
         if amd64 {
             Digest::parse(m.get("digest")?.as_str()?)
         } else {
@@ -264,8 +255,8 @@ mod tests {
             assert!(RepoName::parse(ok).is_some(), "{ok} should be valid");
         }
         for bad in [
-            "", "Alpine", "a/../b", "..", "a//b", "/a", "a/", "a___b", "a..b", "-a", "a-", "a%2fb",
-            "a b", "a:b", ".", "a/./b",
+            "", "Alpine", "a/../b", "..", "a//b", "/a", "a/", "a___b", "a..b", "-a", "a-", "a%2fb", "a b",
+            "a:b", ".", "a/./b",
         ] {
             assert!(RepoName::parse(bad).is_none(), "{bad} should be invalid");
         }
@@ -293,19 +284,11 @@ mod tests {
 
     #[test]
     fn media_type_is_inferred_when_absent() {
+        assert_eq!(manifest_media_type(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(), Some(OCI_INDEX));
+        assert_eq!(manifest_media_type(br#"{"schemaVersion":2,"config":{}}"#).as_deref(), Some(OCI_MANIFEST));
         assert_eq!(
-            manifest_media_type(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(),
-            Some(OCI_INDEX)
-        );
-        assert_eq!(
-            manifest_media_type(br#"{"schemaVersion":2,"config":{}}"#).as_deref(),
-            Some(OCI_MANIFEST)
-        );
-        assert_eq!(
-            manifest_media_type(
-                br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#
-            )
-            .as_deref(),
+            manifest_media_type(br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#)
+                .as_deref(),
             Some(DOCKER_MANIFEST)
         );
     }

@@ -42,9 +42,7 @@ pub async fn serve(
             let st = st.clone();
             async move { Ok::<_, Infallible>(api::handle(st, req).await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
+        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

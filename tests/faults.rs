@@ -10,10 +10,7 @@ use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client")
 }
 
 /// GETs a URL and reads the whole body; `Err` when the transfer was cut.
@@ -32,45 +29,28 @@ async fn error_code(resp: reqwest::Response) -> String {
 
 /// Sends a request line byte for byte (no client-side path normalisation).
 async fn raw(w: &Wharf, method: &str, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(w.addr)
-        .await
-        .expect("connect");
+    let mut s = tokio::net::TcpStream::connect(w.addr).await.expect("connect");
     s.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-        )
-        .as_bytes(),
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            .as_bytes(),
     )
     .await
     .expect("write");
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.expect("read");
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
 
 fn blob_file(w: &Wharf, digest: &str) -> std::path::PathBuf {
     let hex = digest.trim_start_matches("sha256:");
-    w.data
-        .join("docker/registry/v2/blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-        .join("data")
+    w.data.join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
 }
 
 fn spool_files(w: &Wharf) -> usize {
-    std::fs::read_dir(w.data.join("wharf/tmp"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir(w.data.join("wharf/tmp")).map(|d| d.count()).unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,19 +70,13 @@ async fn wrong_upstream_bytes_are_never_cached_or_served_complete() {
         async move { get_all(&url).await }
     });
     wait_until(20, "the client to be streaming", || async {
-        (w.metric("wharf_blob_requests_total", &[("result", "miss")])
-            .await
-            >= 1.0)
-            .then_some(())
+        (w.metric("wharf_blob_requests_total", &[("result", "miss")]).await >= 1.0).then_some(())
     })
     .await;
     fake.open_gate();
     // Either the transfer is cut (Err) or it must not look complete.
     if let Ok((status, body)) = client_task.await.expect("task") {
-        assert!(
-            !(status.is_success() && body.len() == good.len()),
-            "a bad blob must never arrive complete"
-        );
+        assert!(!(status.is_success() && body.len() == good.len()), "a bad blob must never arrive complete");
     }
     assert!(!blob_file(&w, &d).exists(), "unverified bytes were cached");
     assert_eq!(w.metric("wharf_digest_mismatch_total", &[]).await, 1.0);
@@ -140,16 +114,8 @@ async fn cold_blob_is_fetched_once_for_concurrent_clients() {
         assert_eq!(sha256(&body), d, "every client gets the right bytes");
     }
     assert_eq!(fake.count("GET", &d), 1, "exactly one upstream GET");
-    assert_eq!(
-        w.metric("wharf_blob_requests_total", &[("result", "miss")])
-            .await,
-        1.0
-    );
-    assert_eq!(
-        w.metric("wharf_blob_requests_total", &[("result", "joined")])
-            .await,
-        31.0
-    );
+    assert_eq!(w.metric("wharf_blob_requests_total", &[("result", "miss")]).await, 1.0);
+    assert_eq!(w.metric("wharf_blob_requests_total", &[("result", "joined")]).await, 31.0);
     assert!(blob_file(&w, &d).exists());
 }
 
@@ -182,11 +148,7 @@ async fn concurrent_tag_revalidations_share_one_upstream_head() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["docker-content-digest"], m.as_str());
     }
-    assert_eq!(
-        fake.count("HEAD", "/manifests/latest") - heads_before,
-        1,
-        "one upstream HEAD for 16 clients"
-    );
+    assert_eq!(fake.count("HEAD", "/manifests/latest") - heads_before, 1, "one upstream HEAD for 16 clients");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,71 +168,30 @@ async fn bearer_tokens_are_fetched_cached_and_refreshed() {
         br#"{"schemaVersion":2,"config":{},"layers":[],"n":2}"#.to_vec(),
     );
     let w = Wharf::start(&fake.url(), "");
-    assert_eq!(
-        get_all(&w.url("/v2/org/app/manifests/1"))
-            .await
-            .expect("get")
-            .0,
-        200
-    );
+    assert_eq!(get_all(&w.url("/v2/org/app/manifests/1")).await.expect("get").0, 200);
     assert_eq!(fake.tokens_issued(), 1);
-    assert_eq!(
-        get_all(&w.url("/v2/org/app/manifests/2"))
-            .await
-            .expect("get")
-            .0,
-        200
-    );
-    assert_eq!(
-        fake.tokens_issued(),
-        1,
-        "the token is reused for the same repository"
-    );
-    let token_req = fake
-        .seen()
-        .into_iter()
-        .find(|s| s.path == "/token")
-        .expect("token request");
+    assert_eq!(get_all(&w.url("/v2/org/app/manifests/2")).await.expect("get").0, 200);
+    assert_eq!(fake.tokens_issued(), 1, "the token is reused for the same repository");
+    let token_req = fake.seen().into_iter().find(|s| s.path == "/token").expect("token request");
     assert!(token_req.authorization.is_none(), "anonymous token request");
 
     fake.revoke_tokens();
-    assert_eq!(
-        get_all(&w.url("/v2/org/app/manifests/1"))
-            .await
-            .expect("get")
-            .0,
-        200
-    );
+    assert_eq!(get_all(&w.url("/v2/org/app/manifests/1")).await.expect("get").0, 200);
     assert_eq!(fake.tokens_issued(), 2, "a refused token is replaced");
 
     // A token that expires is replaced without the upstream having to refuse it.
     fake.require_tokens(1);
     fake.revoke_tokens();
-    assert_eq!(
-        get_all(&w.url("/v2/org/app/manifests/1"))
-            .await
-            .expect("get")
-            .0,
-        200
-    );
+    assert_eq!(get_all(&w.url("/v2/org/app/manifests/1")).await.expect("get").0, 200);
     let issued = fake.tokens_issued();
     let refused_before = fake.count("HEAD", "/manifests/1");
     wait_until(15, "the short-lived token to be renewed", || async {
-        assert_eq!(
-            get_all(&w.url("/v2/org/app/manifests/1"))
-                .await
-                .expect("get")
-                .0,
-            200
-        );
+        assert_eq!(get_all(&w.url("/v2/org/app/manifests/1")).await.expect("get").0, 200);
         (fake.tokens_issued() > issued).then_some(())
     })
     .await;
-    let heads = fake
-        .seen()
-        .into_iter()
-        .filter(|s| s.method == "HEAD" && s.path.ends_with("/manifests/1"))
-        .count();
+    let heads =
+        fake.seen().into_iter().filter(|s| s.method == "HEAD" && s.path.ends_with("/manifests/1")).count();
     assert!(heads > refused_before);
     assert!(!w.log().contains("tok-"), "tokens never reach the log");
 }
@@ -283,9 +204,7 @@ async fn redirected_blob_gets_no_authorization_header() {
     let d = fake.blob(bytes);
     fake.set_blob_mode(&d, BlobMode::RedirectToLocalhost);
     let w = Wharf::start(&fake.url(), "");
-    let (status, body) = get_all(&w.url(&format!("/v2/org/app/blobs/{d}")))
-        .await
-        .expect("blob");
+    let (status, body) = get_all(&w.url(&format!("/v2/org/app/blobs/{d}"))).await.expect("blob");
     assert_eq!(status, 200);
     assert_eq!(sha256(&body), d);
     let seen = fake.seen();
@@ -293,19 +212,10 @@ async fn redirected_blob_gets_no_authorization_header() {
         .iter()
         .find(|s| s.path.ends_with(&format!("/blobs/{d}")) && s.authorization.is_some())
         .expect("authorized blob GET");
-    assert!(registry
-        .authorization
-        .as_deref()
-        .is_some_and(|a| a.starts_with("Bearer ")));
-    let cdn = seen
-        .iter()
-        .find(|s| s.path == format!("/cdn/{d}"))
-        .expect("followed the redirect");
+    assert!(registry.authorization.as_deref().is_some_and(|a| a.starts_with("Bearer ")));
+    let cdn = seen.iter().find(|s| s.path == format!("/cdn/{d}")).expect("followed the redirect");
     assert!(cdn.host.starts_with("localhost"), "went to the other host");
-    assert_eq!(
-        cdn.authorization, None,
-        "no upstream credentials sent to another host"
-    );
+    assert_eq!(cdn.authorization, None, "no upstream credentials sent to another host");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,37 +250,21 @@ async fn tag_is_served_stale_when_upstream_fails() {
         let r = client().get(&url).send().await.expect("response");
         assert_eq!(r.status(), 200, "{fault:?}: stale served");
         assert_eq!(r.headers()["docker-content-digest"], m.as_str());
-        assert_eq!(
-            w.metric("wharf_stale_served_total", &[]).await,
-            (i + 1) as f64,
-            "{fault:?} counted"
-        );
+        assert_eq!(w.metric("wharf_stale_served_total", &[]).await, (i + 1) as f64, "{fault:?} counted");
     }
     assert!(w.log().contains("serving the last known digest"));
 
     fake.set_manifest_fault(ManifestFault::Status(429));
-    let r = client()
-        .get(w.url("/v2/app/manifests/never-cached"))
-        .send()
-        .await
-        .expect("response");
+    let r = client().get(w.url("/v2/app/manifests/never-cached")).send().await.expect("response");
     assert_eq!(r.status(), 429);
     assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
     fake.set_manifest_fault(ManifestFault::Status(500));
-    let r = client()
-        .get(w.url("/v2/app/manifests/never-cached"))
-        .send()
-        .await
-        .expect("response");
+    let r = client().get(w.url("/v2/app/manifests/never-cached")).send().await.expect("response");
     assert_eq!(r.status(), 503);
     assert_eq!(error_code(r).await, "UNAVAILABLE");
 
     fake.set_manifest_fault(ManifestFault::None);
-    let r = client()
-        .get(w.url("/v2/app/manifests/missing"))
-        .send()
-        .await
-        .expect("response");
+    let r = client().get(w.url("/v2/app/manifests/missing")).send().await.expect("response");
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
 }
@@ -385,10 +279,7 @@ async fn cut_connection_mid_blob_leaves_nothing_cached() {
     let url = w.url(&format!("/v2/app/blobs/{d}"));
     // Either the transfer is cut (Err) or it must not look complete.
     if let Ok((status, body)) = get_all(&url).await {
-        assert!(
-            !(status.is_success() && body.len() == 1 << 20),
-            "a cut blob must not arrive complete"
-        );
+        assert!(!(status.is_success() && body.len() == 1 << 20), "a cut blob must not arrive complete");
     }
     assert!(!blob_file(&w, &d).exists());
     assert_eq!(spool_files(&w), 0);
@@ -396,11 +287,7 @@ async fn cut_connection_mid_blob_leaves_nothing_cached() {
     let (status, body) = get_all(&url).await.expect("retry works");
     assert_eq!(status, 200);
     assert_eq!(sha256(&body), d);
-    assert_eq!(
-        fake.count("GET", &d),
-        2,
-        "the cut download was not remembered as good"
-    );
+    assert_eq!(fake.count("GET", &d), 2, "the cut download was not remembered as good");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,38 +299,17 @@ async fn range_requests_on_cached_blobs() {
     let url = w.url(&format!("/v2/app/blobs/{d}"));
     assert_eq!(get_all(&url).await.expect("warm").1, bytes);
 
-    let r = client()
-        .get(&url)
-        .header("range", "bytes=10-19")
-        .send()
-        .await
-        .expect("range");
+    let r = client().get(&url).header("range", "bytes=10-19").send().await.expect("range");
     assert_eq!(r.status(), 206);
     assert_eq!(r.headers()["content-range"], "bytes 10-19/1000");
     assert_eq!(r.headers()["content-length"], "10");
-    assert_eq!(
-        r.bytes().await.expect("body").to_vec(),
-        bytes[10..20].to_vec()
-    );
+    assert_eq!(r.bytes().await.expect("body").to_vec(), bytes[10..20].to_vec());
 
-    let r = client()
-        .get(&url)
-        .header("range", "bytes=-5")
-        .send()
-        .await
-        .expect("suffix");
+    let r = client().get(&url).header("range", "bytes=-5").send().await.expect("suffix");
     assert_eq!(r.status(), 206);
-    assert_eq!(
-        r.bytes().await.expect("body").to_vec(),
-        bytes[995..].to_vec()
-    );
+    assert_eq!(r.bytes().await.expect("body").to_vec(), bytes[995..].to_vec());
 
-    let r = client()
-        .get(&url)
-        .header("range", "bytes=1000-")
-        .send()
-        .await
-        .expect("beyond");
+    let r = client().get(&url).header("range", "bytes=1000-").send().await.expect("beyond");
     assert_eq!(r.status(), 416);
     assert_eq!(r.headers()["content-range"], "bytes */1000");
 
@@ -464,83 +330,35 @@ async fn bad_input_is_refused_and_changes_nothing() {
         "app",
         Some("latest"),
         OCI_MANIFEST,
-        format!(r#"{{"schemaVersion":2,"config":{{}},"layers":[{{"digest":"{layer}"}}]}}"#)
-            .into_bytes(),
+        format!(r#"{{"schemaVersion":2,"config":{{}},"layers":[{{"digest":"{layer}"}}]}}"#).into_bytes(),
     );
     let mut huge = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","annotations":{"x":""#.to_vec();
     huge.extend(std::iter::repeat_n(b'a', 5 << 20));
     huge.extend(br#""}}"#);
     fake.manifest("app", Some("huge"), OCI_MANIFEST, huge);
     let w = Wharf::start(&fake.url(), "");
-    assert_eq!(
-        get_all(&w.url("/v2/app/manifests/latest"))
-            .await
-            .expect("warm")
-            .0,
-        200
-    );
-    assert_eq!(
-        get_all(&w.url(&format!("/v2/app/blobs/{layer}")))
-            .await
-            .expect("warm")
-            .0,
-        200
-    );
+    assert_eq!(get_all(&w.url("/v2/app/manifests/latest")).await.expect("warm").0, 200);
+    assert_eq!(get_all(&w.url(&format!("/v2/app/blobs/{layer}"))).await.expect("warm").0, 200);
     let tree = w.data.join("docker");
     let before = tree_listing(&tree);
     let upstream_before = fake.seen().len();
 
     let cases: &[(&str, &str, u16, &str)] = &[
-        (
-            "GET",
-            "/v2/../../etc/passwd/manifests/latest",
-            400,
-            "NAME_INVALID",
-        ),
-        (
-            "GET",
-            "/v2/app/../../../etc/manifests/latest",
-            400,
-            "NAME_INVALID",
-        ),
-        (
-            "GET",
-            "/v2/%2e%2e/%2e%2e/etc/manifests/latest",
-            400,
-            "NAME_INVALID",
-        ),
-        (
-            "GET",
-            "/v2/app%2f..%2f../manifests/latest",
-            400,
-            "NAME_INVALID",
-        ),
+        ("GET", "/v2/../../etc/passwd/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", "/v2/app/../../../etc/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", "/v2/%2e%2e/%2e%2e/etc/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", "/v2/app%2f..%2f../manifests/latest", 400, "NAME_INVALID"),
         ("GET", "/v2/App/manifests/latest", 400, "NAME_INVALID"),
         ("GET", "/v2/app/blobs/sha256:1234", 400, "DIGEST_INVALID"),
-        (
-            "GET",
-            "/v2/app/blobs/md5:d41d8cd98f00b204e9800998ecf8427e",
-            400,
-            "DIGEST_INVALID",
-        ),
-        (
-            "GET",
-            "/v2/app/blobs/sha256:..%2f..%2f..%2fetc%2fpasswd",
-            400,
-            "DIGEST_INVALID",
-        ),
+        ("GET", "/v2/app/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", 400, "DIGEST_INVALID"),
+        ("GET", "/v2/app/blobs/sha256:..%2f..%2f..%2fetc%2fpasswd", 400, "DIGEST_INVALID"),
         ("GET", "/v2/app/manifests/sha256:ZZ", 400, "DIGEST_INVALID"),
         ("GET", "/v2/app/manifests/..", 400, "TAG_INVALID"),
         ("PUT", "/v2/app/manifests/latest", 405, "UNSUPPORTED"),
         ("DELETE", "/v2/app/manifests/latest", 405, "UNSUPPORTED"),
         ("POST", "/v2/app/blobs/uploads/", 405, "UNSUPPORTED"),
         ("PATCH", "/v2/app/blobs/uploads/abc", 405, "UNSUPPORTED"),
-        (
-            "DELETE",
-            &format!("/v2/app/blobs/{layer}"),
-            405,
-            "UNSUPPORTED",
-        ),
+        ("DELETE", &format!("/v2/app/blobs/{layer}"), 405, "UNSUPPORTED"),
     ];
     for (method, path, status, code) in cases {
         let (got, body) = raw(&w, method, path).await;
@@ -549,17 +367,9 @@ async fn bad_input_is_refused_and_changes_nothing() {
             .unwrap_or_else(|_| panic!("{method} {path}: OCI error JSON, got {body}"));
         assert_eq!(v["errors"][0]["code"], *code, "{method} {path}");
     }
-    assert_eq!(
-        fake.seen().len(),
-        upstream_before,
-        "invalid requests never reach the upstream"
-    );
+    assert_eq!(fake.seen().len(), upstream_before, "invalid requests never reach the upstream");
 
-    let r = client()
-        .get(w.url("/v2/app/manifests/huge"))
-        .send()
-        .await
-        .expect("huge");
+    let r = client().get(w.url("/v2/app/manifests/huge")).send().await.expect("huge");
     assert_eq!(r.status(), 413);
     assert_eq!(error_code(r).await, "MANIFEST_INVALID");
     let r = client()
@@ -571,11 +381,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
 
     assert_eq!(tree_listing(&tree), before, "the storage tree is unchanged");
-    assert!(
-        w.metric("wharf_errors_total", &[("code", "NAME_INVALID")])
-            .await
-            >= 5.0
-    );
+    assert!(w.metric("wharf_errors_total", &[("code", "NAME_INVALID")]).await >= 5.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -600,46 +406,25 @@ async fn index_is_negotiated_for_clients_that_cannot_read_it() {
     let w = Wharf::start(&fake.url(), "");
     let url = w.url("/v2/app/manifests/latest");
 
-    let r = client()
-        .get(&url)
-        .header("accept", OCI_INDEX)
-        .send()
-        .await
-        .expect("index");
+    let r = client().get(&url).header("accept", OCI_INDEX).send().await.expect("index");
     assert_eq!(r.headers()["content-type"], OCI_INDEX);
     assert_eq!(r.headers()["docker-content-digest"], idx.as_str());
 
-    let r = client()
-        .get(&url)
-        .header("accept", OCI_MANIFEST)
-        .send()
-        .await
-        .expect("manifest only");
+    let r = client().get(&url).header("accept", OCI_MANIFEST).send().await.expect("manifest only");
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], OCI_MANIFEST);
-    assert_eq!(
-        r.headers()["docker-content-digest"],
-        amd.as_str(),
-        "the linux/amd64 image"
-    );
+    assert_eq!(r.headers()["docker-content-digest"], amd.as_str(), "the linux/amd64 image");
 
     let r = client()
         .get(&url)
-        .header(
-            "accept",
-            "application/vnd.docker.distribution.manifest.v2+json",
-        )
+        .header("accept", "application/vnd.docker.distribution.manifest.v2+json")
         .send()
         .await
         .expect("docker only");
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
 
-    let r = client()
-        .head(&url)
-        .send()
-        .await
-        .expect("head without accept");
+    let r = client().head(&url).send().await.expect("head without accept");
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-content-digest"], idx.as_str());
     assert_eq!(r.headers()["content-type"], OCI_INDEX);
@@ -661,16 +446,8 @@ async fn tag_ttl_serves_a_fresh_tag_without_asking_upstream() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["docker-content-digest"], m.as_str());
     }
-    assert_eq!(
-        fake.count("HEAD", "/manifests/latest"),
-        1,
-        "one revalidation within the ttl"
-    );
-    assert_eq!(
-        w.metric("wharf_manifest_requests_total", &[("result", "hit")])
-            .await,
-        2.0
-    );
+    assert_eq!(fake.count("HEAD", "/manifests/latest"), 1, "one revalidation within the ttl");
+    assert_eq!(w.metric("wharf_manifest_requests_total", &[("result", "hit")]).await, 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -687,15 +464,8 @@ async fn basic_auth_uses_the_password_file_and_never_logs_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pw = dir.path().join("pw");
     std::fs::write(&pw, "secret\n").expect("password file");
-    let w = Wharf::start(
-        &fake.url(),
-        &format!("username = \"user\"\npassword_file = \"{}\"", pw.display()),
-    );
-    let r = client()
-        .get(w.url("/v2/org/private/manifests/1"))
-        .send()
-        .await
-        .expect("get");
+    let w = Wharf::start(&fake.url(), &format!("username = \"user\"\npassword_file = \"{}\"", pw.display()));
+    let r = client().get(w.url("/v2/org/private/manifests/1")).send().await.expect("get");
     assert_eq!(r.status(), 200);
     let authed = fake
         .seen()
@@ -704,8 +474,5 @@ async fn basic_auth_uses_the_password_file_and_never_logs_it() {
         .count();
     assert!(authed >= 2, "HEAD and GET carried the credentials");
     let log = w.log();
-    assert!(
-        !log.contains("secret") && !log.contains("dXNlcjpzZWNyZXQ"),
-        "credentials never logged"
-    );
+    assert!(!log.contains("secret") && !log.contains("dXNlcjpzZWNyZXQ"), "credentials never logged");
 }

@@ -26,35 +26,23 @@ async fn multi_platform_image_pulls_byte_identical_and_history_follows_a_retag()
     let mut reg = Registry::start();
     let work = tempfile::tempdir().expect("tempdir");
     let v1 = write_layout(&work.path().join("v1"), "app-v1", "img", LAYERS);
-    push(
-        &work.path().join("v1"),
-        "img",
-        &format!("{}/demo/app:latest", reg.addr),
-    );
+    push(&work.path().join("v1"), "img", &format!("{}/demo/app:latest", reg.addr));
     let w = Wharf::start(&reg.url(), "");
 
     // Cold pull through wharf: every digest is the upstream's.
     let out = work.path().join("out1");
     pull(&format!("{}/demo/app:latest", w.host()), &out).expect("cold pull through wharf");
     assert_eq!(layout_top_digest(&out), v1.index);
-    assert_eq!(
-        layout_blobs(&out),
-        v1.blobs.iter().cloned().collect::<BTreeSet<_>>()
-    );
+    assert_eq!(layout_blobs(&out), v1.blobs.iter().cloned().collect::<BTreeSet<_>>());
     let upstream_index = reqwest::Client::new()
         .head(format!("{}/v2/demo/app/manifests/latest", reg.url()))
         .header("accept", common::image::OCI_INDEX)
         .send()
         .await
         .expect("upstream HEAD");
-    assert_eq!(
-        upstream_index.headers()["docker-content-digest"],
-        v1.index.as_str()
-    );
+    assert_eq!(upstream_index.headers()["docker-content-digest"], v1.index.as_str());
     assert!(
-        w.metric("wharf_blob_requests_total", &[("result", "miss")])
-            .await
-            >= 6.0,
+        w.metric("wharf_blob_requests_total", &[("result", "miss")]).await >= 6.0,
         "layers came through wharf"
     );
 
@@ -62,40 +50,17 @@ async fn multi_platform_image_pulls_byte_identical_and_history_follows_a_retag()
     let out = work.path().join("out2");
     pull(&format!("{}/demo/app:latest", w.host()), &out).expect("warm pull");
     assert_eq!(layout_top_digest(&out), v1.index);
-    assert!(
-        w.metric("wharf_blob_requests_total", &[("result", "hit")])
-            .await
-            >= 6.0,
-        "warm layers are hits"
-    );
-    assert!(
-        w.metric(
-            "wharf_manifest_requests_total",
-            &[("result", "revalidated")]
-        )
-        .await
-            >= 1.0
-    );
+    assert!(w.metric("wharf_blob_requests_total", &[("result", "hit")]).await >= 6.0, "warm layers are hits");
+    assert!(w.metric("wharf_manifest_requests_total", &[("result", "revalidated")]).await >= 1.0);
 
     // The tag moves upstream; wharf follows and keeps the history.
     let v2 = write_layout(&work.path().join("v2"), "app-v2", "img", LAYERS);
-    push(
-        &work.path().join("v2"),
-        "img",
-        &format!("{}/demo/app:latest", reg.addr),
-    );
+    push(&work.path().join("v2"), "img", &format!("{}/demo/app:latest", reg.addr));
     let out = work.path().join("out3");
     pull(&format!("{}/demo/app:latest", w.host()), &out).expect("pull after retag");
     assert_eq!(layout_top_digest(&out), v2.index, "the new index is served");
-    assert_eq!(
-        layout_blobs(&out),
-        v2.blobs.iter().cloned().collect::<BTreeSet<_>>()
-    );
-    assert!(
-        w.metric("wharf_manifest_requests_total", &[("result", "refreshed")])
-            .await
-            >= 1.0
-    );
+    assert_eq!(layout_blobs(&out), v2.blobs.iter().cloned().collect::<BTreeSet<_>>());
+    assert!(w.metric("wharf_manifest_requests_total", &[("result", "refreshed")]).await >= 1.0);
 
     let h: serde_json::Value = reqwest::get(w.url("/_wharf/history/demo/app/tags/latest"))
         .await
@@ -104,34 +69,22 @@ async fn multi_platform_image_pulls_byte_identical_and_history_follows_a_retag()
         .await
         .expect("json");
     assert_eq!(h["repository"], "registry.test/demo/app");
-    assert_eq!(
-        history_digests(&h),
-        vec![v2.index.clone(), v1.index.clone()],
-        "newest first, both kept"
-    );
+    assert_eq!(history_digests(&h), vec![v2.index.clone(), v1.index.clone()], "newest first, both kept");
     assert_eq!(h["history"][0]["current"], true);
     assert_eq!(h["history"][1]["current"], false);
-    let same: serde_json::Value =
-        reqwest::get(w.url("/_wharf/history/registry.test/demo/app/tags/latest"))
-            .await
-            .expect("history by full name")
-            .json()
-            .await
-            .expect("json");
+    let same: serde_json::Value = reqwest::get(w.url("/_wharf/history/registry.test/demo/app/tags/latest"))
+        .await
+        .expect("history by full name")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(history_digests(&same), history_digests(&h));
 
     // The CLI asks the running server (it holds the data dir).
     let out = w.cli(&["history", "demo/app:latest", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let cli: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cli json");
-    assert_eq!(
-        history_digests(&cli),
-        vec![v2.index.clone(), v1.index.clone()]
-    );
+    assert_eq!(history_digests(&cli), vec![v2.index.clone(), v1.index.clone()]);
 
     // The upstream goes away: the cached tag and digests are still served.
     reg.stop();
@@ -139,42 +92,21 @@ async fn multi_platform_image_pulls_byte_identical_and_history_follows_a_retag()
     pull(&format!("{}/demo/app:latest", w.host()), &out).expect("offline pull by tag");
     assert_eq!(layout_top_digest(&out), v2.index);
     let out = work.path().join("offline-digest");
-    pull(&format!("{}/demo/app@{}", w.host(), v1.index), &out)
-        .expect("offline pull of the old digest");
+    pull(&format!("{}/demo/app@{}", w.host(), v1.index), &out).expect("offline pull of the old digest");
     assert_eq!(layout_top_digest(&out), v1.index);
-    assert_eq!(
-        layout_blobs(&out),
-        v1.blobs.iter().cloned().collect::<BTreeSet<_>>()
-    );
+    assert_eq!(layout_blobs(&out), v1.blobs.iter().cloned().collect::<BTreeSet<_>>());
     assert!(w.metric("wharf_stale_served_total", &[]).await >= 1.0);
-    let never = common::pull(
-        &format!("{}/demo/never:latest", w.host()),
-        &work.path().join("never"),
-    );
-    assert!(
-        never.is_err(),
-        "what was never cached cannot be served offline"
-    );
+    let never = common::pull(&format!("{}/demo/never:latest", w.host()), &work.path().join("never"));
+    assert!(never.is_err(), "what was never cached cannot be served offline");
 
     // With the server stopped, the CLI reads the data dir itself.
     let mut w = w;
     assert!(w.stop().success(), "clean exit on SIGTERM");
     let out = w.cli(&["history", "demo/app:latest"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains(&v1.index) && text.contains(&v2.index),
-        "{text}"
-    );
-    assert!(
-        text.lines()
-            .any(|l| l.contains(&v2.index) && l.contains("(current)")),
-        "{text}"
-    );
+    assert!(text.contains(&v1.index) && text.contains(&v2.index), "{text}");
+    assert!(text.lines().any(|l| l.contains(&v2.index) && l.contains("(current)")), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,37 +114,21 @@ async fn stock_registry_serves_wharfs_data_dir() {
     let reg = Registry::start();
     let work = tempfile::tempdir().expect("tempdir");
     let img = write_layout(&work.path().join("base"), "base-1", "img", LAYERS);
-    push(
-        &work.path().join("base"),
-        "img",
-        &format!("{}/demo/base:1.0", reg.addr),
-    );
+    push(&work.path().join("base"), "img", &format!("{}/demo/base:1.0", reg.addr));
     let mut w = Wharf::start(&reg.url(), "");
-    pull(
-        &format!("{}/demo/base:1.0", w.host()),
-        &work.path().join("through"),
-    )
-    .expect("pull through wharf");
+    pull(&format!("{}/demo/base:1.0", w.host()), &work.path().join("through")).expect("pull through wharf");
     assert!(w.stop().success(), "clean exit on SIGTERM");
 
     // A copy of the data dir is a registry root distribution itself can serve.
     let copy = work.path().join("copy");
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(&w.data)
-        .arg(&copy)
-        .status()
-        .expect("cp");
+    let st = Command::new("cp").arg("-a").arg(&w.data).arg(&copy).status().expect("cp");
     assert!(st.success());
     let stock = Registry::serve(&copy, true);
     let out = work.path().join("from-stock");
     pull(&format!("{}/registry.test/demo/base:1.0", stock.addr), &out)
         .expect("stock registry serves the cache");
     assert_eq!(layout_top_digest(&out), img.index);
-    assert_eq!(
-        layout_blobs(&out),
-        img.blobs.iter().cloned().collect::<BTreeSet<_>>()
-    );
+    assert_eq!(layout_blobs(&out), img.blobs.iter().cloned().collect::<BTreeSet<_>>());
 
     // A lost index is rebuilt from the tree at start-up: the history is still there.
     // A temp file a crash left behind is cleaned away.

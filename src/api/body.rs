@@ -12,9 +12,7 @@ use tokio::sync::mpsc;
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 pub fn empty() -> Body {

@@ -54,9 +54,7 @@ impl ApiError {
             ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "UNKNOWN"),
-            ApiError::RangeNotSatisfiable(_) => {
-                (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID")
-            }
+            ApiError::RangeNotSatisfiable(_) => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
             // No route: an OCI code all the same, as the spec's error format requires one.
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
@@ -98,21 +96,13 @@ impl ApiError {
                 ApiError::ManifestInvalid(UpstreamError::TooLarge.to_string())
             }
             CacheError::Upstream(e @ UpstreamError::Denied(_)) => ApiError::Denied(e.to_string()),
-            CacheError::Upstream(e @ UpstreamError::RateLimited) => {
-                ApiError::TooManyRequests(e.to_string())
-            }
-            CacheError::Upstream(e @ UpstreamError::Unavailable(_)) => {
-                ApiError::Unavailable(e.to_string())
-            }
-            CacheError::Upstream(e @ UpstreamError::Invalid(_)) => {
-                ApiError::BadGateway(e.to_string())
-            }
+            CacheError::Upstream(e @ UpstreamError::RateLimited) => ApiError::TooManyRequests(e.to_string()),
+            CacheError::Upstream(e @ UpstreamError::Unavailable(_)) => ApiError::Unavailable(e.to_string()),
+            CacheError::Upstream(e @ UpstreamError::Invalid(_)) => ApiError::BadGateway(e.to_string()),
             e @ (CacheError::DigestMismatch { .. } | CacheError::UnknownManifestType) => {
                 ApiError::BadGateway(e.to_string())
             }
-            e @ (CacheError::Store(_) | CacheError::Internal(_)) => {
-                ApiError::Internal(e.to_string())
-            }
+            e @ (CacheError::Store(_) | CacheError::Internal(_)) => ApiError::Internal(e.to_string()),
         }
     }
 
@@ -126,25 +116,13 @@ impl ApiError {
         } else {
             tracing::info!(status = status.as_u16(), code, message = %message, "request refused");
         }
-        let json = serde_json::to_vec(&Body_ {
-            errors: [Entry {
-                code,
-                message: &message,
-            }],
-        })
-        .expect("error JSON always serializes");
+        let json = serde_json::to_vec(&Body_ { errors: [Entry { code, message: &message }] })
+            .expect("error JSON always serializes");
         let len = json.len();
-        let mut resp = Response::new(if head {
-            super::body::empty()
-        } else {
-            full(json)
-        });
+        let mut resp = Response::new(if head { super::body::empty() } else { full(json) });
         *resp.status_mut() = status;
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         if let ApiError::RangeNotSatisfiable(size) = self {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {

@@ -17,9 +17,7 @@ pub use error::ApiError;
 pub use route::{parse as parse_route, Route};
 
 use crate::cache::{read_at, BlobSource, ServedManifest};
-use crate::oci::{
-    default_platform_child, is_index, Digest, Reference, RepoName, Tag, OCI_MANIFEST,
-};
+use crate::oci::{default_platform_child, is_index, Digest, Reference, RepoName, Tag, OCI_MANIFEST};
 use crate::store::RepoKey;
 use crate::upstream::Upstream;
 use crate::AppState;
@@ -33,8 +31,7 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let route = route::parse(req.uri().path());
     let label = route.as_ref().map(Route::label).unwrap_or("other");
-    let span =
-        tracing::info_span!("request", method = %method, route = label, path = %req.uri().path());
+    let span = tracing::info_span!("request", method = %method, route = label, path = %req.uri().path());
     let head = method == Method::HEAD;
     let resp = async {
         if method != Method::GET && method != Method::HEAD {
@@ -47,17 +44,10 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Response<Body> {
     .instrument(span.clone())
     .await;
     let mut resp = resp.unwrap_or_else(|e| span.in_scope(|| e.into_response(&state.metrics, head)));
-    resp.headers_mut().insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static("registry/2.0"),
-    );
+    resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
     let m = &state.metrics;
-    m.http_requests
-        .with_label_values(&[method.as_str(), label, resp.status().as_str()])
-        .inc();
-    m.http_duration
-        .with_label_values(&[label])
-        .observe(start.elapsed().as_secs_f64());
+    m.http_requests.with_label_values(&[method.as_str(), label, resp.status().as_str()]).inc();
+    m.http_duration.with_label_values(&[label]).observe(start.elapsed().as_secs_f64());
     resp
 }
 
@@ -68,22 +58,12 @@ async fn dispatch(
     head: bool,
 ) -> Result<Response<Body>, ApiError> {
     match route {
-        Route::Base => Ok(json_response(
-            StatusCode::OK,
-            Bytes::from_static(b"{}"),
-            head,
-        )),
-        Route::Health => Ok(json_response(
-            StatusCode::OK,
-            Bytes::from_static(b"{\"status\":\"ok\"}"),
-            head,
-        )),
+        Route::Base => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{}"), head)),
+        Route::Health => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"), head)),
         Route::Metrics => {
             let mut r = Response::new(body::full(state.metrics.render()));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
             Ok(r)
         }
         Route::Manifest { name, reference } => {
@@ -94,11 +74,7 @@ async fn dispatch(
                 Err(_) => "error",
             };
             let method = if head { "HEAD" } else { "GET" };
-            state
-                .metrics
-                .manifest_requests
-                .with_label_values(&[&up.name, method, result])
-                .inc();
+            state.metrics.manifest_requests.with_label_values(&[&up.name, method, result]).inc();
             let m = res?;
             state.store().touch(&m.digest);
             tracing::debug!(upstream = %up.name, repository = %name, digest = %m.digest, cache = result, "manifest");
@@ -112,17 +88,13 @@ async fn dispatch(
                 blob_get(state, &up, &name, &digest, headers).await
             };
             if res.is_err() {
-                state
-                    .metrics
-                    .blob_requests
-                    .with_label_values(&[&up.name, "error"])
-                    .inc();
+                state.metrics.blob_requests.with_label_values(&[&up.name, "error"]).inc();
             }
             res
         }
-        Route::TagsList { .. } => Err(ApiError::NotFound(
-            "tag listing is not served by this version of wharf".into(),
-        )),
+        Route::TagsList { .. } => {
+            Err(ApiError::NotFound("tag listing is not served by this version of wharf".into()))
+        }
         Route::History { name, tag } => history(state, &name, &tag, head),
     }
 }
@@ -153,15 +125,10 @@ async fn manifest(
                 "{mt} found, but the client does not accept it and it has no linux/amd64 image"
             ))
         })?;
-        let c = cache
-            .manifest_by_digest(up, name, &child)
-            .await
-            .map_err(|e| ApiError::from_cache(e, false))?;
+        let c =
+            cache.manifest_by_digest(up, name, &child).await.map_err(|e| ApiError::from_cache(e, false))?;
         if accepts(headers, &c.manifest.media_type) {
-            return Ok(ServedManifest {
-                result: m.result,
-                ..c
-            });
+            return Ok(ServedManifest { result: m.result, ..c });
         }
         return Err(ApiError::ManifestUnknown(format!(
             "{} found, but the client does not accept it",
@@ -197,11 +164,7 @@ fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
 
 fn manifest_response(m: &ServedManifest, head: bool) -> Response<Body> {
     let bytes = &m.manifest.bytes;
-    let mut r = Response::new(if head {
-        body::empty()
-    } else {
-        body::full(bytes.clone())
-    });
+    let mut r = Response::new(if head { body::empty() } else { body::full(bytes.clone()) });
     let h = r.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&m.manifest.media_type) {
         h.insert(header::CONTENT_TYPE, v);
@@ -213,20 +176,14 @@ fn manifest_response(m: &ServedManifest, head: bool) -> Response<Body> {
 
 fn digest_headers(h: &mut HeaderMap, d: &Digest) {
     let s = d.to_string();
-    if let (Ok(dv), Ok(etag)) = (
-        HeaderValue::from_str(&s),
-        HeaderValue::from_str(&format!("\"{s}\"")),
-    ) {
+    if let (Ok(dv), Ok(etag)) = (HeaderValue::from_str(&s), HeaderValue::from_str(&format!("\"{s}\""))) {
         h.insert("docker-content-digest", dv);
         h.insert(header::ETAG, etag);
     }
 }
 
 fn blob_headers(h: &mut HeaderMap, d: &Digest, len: Option<u64>) {
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Some(len) = len {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -240,17 +197,10 @@ async fn blob_head(
     name: &RepoName,
     d: &Digest,
 ) -> Result<Response<Body>, ApiError> {
-    let (size, cached) = state
-        .cache
-        .blob_size(up, name, d)
-        .await
-        .map_err(|e| ApiError::from_cache(e, true))?;
+    let (size, cached) =
+        state.cache.blob_size(up, name, d).await.map_err(|e| ApiError::from_cache(e, true))?;
     let result = if cached { "hit" } else { "miss" };
-    state
-        .metrics
-        .blob_requests
-        .with_label_values(&[&up.name, result])
-        .inc();
+    state.metrics.blob_requests.with_label_values(&[&up.name, result]).inc();
     let mut r = Response::new(body::empty());
     blob_headers(r.headers_mut(), d, size);
     Ok(r)
@@ -263,40 +213,22 @@ async fn blob_get(
     d: &Digest,
     headers: &HeaderMap,
 ) -> Result<Response<Body>, ApiError> {
-    let range = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let src = state
-        .cache
-        .blob(up, name, d)
-        .await
-        .map_err(|e| ApiError::from_cache(e, true))?;
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let src = state.cache.blob(up, name, d).await.map_err(|e| ApiError::from_cache(e, true))?;
     let result = match &src {
         BlobSource::Cached { .. } => "hit",
         BlobSource::Filling { joined: true, .. } => "joined",
         BlobSource::Filling { .. } => "miss",
     };
-    state
-        .metrics
-        .blob_requests
-        .with_label_values(&[&up.name, result])
-        .inc();
+    state.metrics.blob_requests.with_label_values(&[&up.name, result]).inc();
     match (src, range) {
-        (BlobSource::Cached { file, size }, range) => {
-            serve_file(state, file, size, d, range.as_deref())
-        }
+        (BlobSource::Cached { file, size }, range) => serve_file(state, file, size, d, range.as_deref()),
         (BlobSource::Filling { fill, .. }, Some(range)) => {
             // A range of an unverified download cannot be vouched for: wait for the whole.
-            fill.finished()
-                .await
-                .map_err(|e| ApiError::from_cache(e, true))?;
+            fill.finished().await.map_err(|e| ApiError::from_cache(e, true))?;
             match state.store().blobs().open(d) {
                 Ok(Some(file)) => {
-                    let size = file
-                        .metadata()
-                        .map_err(|e| ApiError::Internal(e.to_string()))?
-                        .len();
+                    let size = file.metadata().map_err(|e| ApiError::Internal(e.to_string()))?.len();
                     serve_file(state, file, size, d, Some(&range))
                 }
                 Ok(None) => Err(ApiError::BlobUnknown("blob vanished after download".into())),
@@ -305,10 +237,7 @@ async fn blob_get(
         }
         (BlobSource::Filling { fill, size, .. }, None) => {
             let (tx, body) = body::channel(4);
-            let counter = state
-                .metrics
-                .blob_bytes_served
-                .with_label_values(&["upstream"]);
+            let counter = state.metrics.blob_bytes_served.with_label_values(&["upstream"]);
             fill.stream(tx, move |n| counter.inc_by(n));
             let mut r = Response::new(body);
             blob_headers(r.headers_mut(), d, size);
@@ -377,10 +306,7 @@ fn serve_file(
         ByteRange::Unsatisfiable => return Err(ApiError::RangeNotSatisfiable(size)),
     };
     let (tx, body) = body::channel(4);
-    let counter = state
-        .metrics
-        .blob_bytes_served
-        .with_label_values(&["cache"]);
+    let counter = state.metrics.blob_bytes_served.with_label_values(&["cache"]);
     // One blocking task per response (not per chunk) reads the file into the channel.
     tokio::task::spawn_blocking(move || {
         let mut off = start;
@@ -403,9 +329,7 @@ fn serve_file(
     let h = r.headers_mut();
     blob_headers(h, d, Some(len));
     if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(v) =
-            HeaderValue::from_str(&format!("bytes {}-{}/{}", start, start + len - 1, size))
-        {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{}", start, start + len - 1, size)) {
             h.insert(header::CONTENT_RANGE, v);
         }
     }
@@ -414,56 +338,29 @@ fn serve_file(
 
 fn json_response(status: StatusCode, json: Bytes, head: bool) -> Response<Body> {
     let len = json.len();
-    let mut r = Response::new(if head {
-        body::empty()
-    } else {
-        body::full(json)
-    });
+    let mut r = Response::new(if head { body::empty() } else { body::full(json) });
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     r
 }
 
 /// `/_wharf/history/<name>/tags/<tag>`: `<name>` may start with an upstream's name.
-fn history(
-    state: &AppState,
-    name: &RepoName,
-    tag: &Tag,
-    head: bool,
-) -> Result<Response<Body>, ApiError> {
+fn history(state: &AppState, name: &RepoName, tag: &Tag, head: bool) -> Result<Response<Body>, ApiError> {
     let key = state.repo_key(name);
-    let entries = state
-        .store()
-        .history(&key, tag)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let entries = state.store().history(&key, tag).map_err(|e| ApiError::Internal(e.to_string()))?;
     if entries.is_empty() {
-        return Err(ApiError::ManifestUnknown(format!(
-            "no history for {}:{tag}",
-            key.as_str()
-        )));
+        return Err(ApiError::ManifestUnknown(format!("no history for {}:{tag}", key.as_str())));
     }
-    let json =
-        serde_json::json!({ "repository": key.as_str(), "tag": tag.as_str(), "history": entries });
-    Ok(json_response(
-        StatusCode::OK,
-        Bytes::from(json.to_string()),
-        head,
-    ))
+    let json = serde_json::json!({ "repository": key.as_str(), "tag": tag.as_str(), "history": entries });
+    Ok(json_response(StatusCode::OK, Bytes::from(json.to_string()), head))
 }
 
 /// The cached repository `name` denotes: `<upstream>/<repo>` when it starts with a
 /// configured upstream's name, else a repository of the default upstream.
 pub fn repo_key(upstreams: &[Arc<Upstream>], name: &RepoName) -> RepoKey {
     if let Some((first, rest)) = name.as_str().split_once('/') {
-        if let (Some(up), Some(rest)) = (
-            upstreams.iter().find(|u| u.name == first),
-            RepoName::parse(rest),
-        ) {
+        if let (Some(up), Some(rest)) = (upstreams.iter().find(|u| u.name == first), RepoName::parse(rest)) {
             return RepoKey::new(&up.name, &rest);
         }
     }

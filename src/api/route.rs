@@ -10,10 +10,7 @@ pub enum Route {
     /// `/v2/`
     Base,
     /// `/v2/<name>/manifests/<reference>`
-    Manifest {
-        name: RepoName,
-        reference: Reference,
-    },
+    Manifest { name: RepoName, reference: Reference },
     /// `/v2/<name>/blobs/<digest>`
     Blob { name: RepoName, digest: Digest },
     /// `/v2/<name>/tags/list`
@@ -59,12 +56,9 @@ pub fn parse(path: &str) -> Result<Route, ApiError> {
         let segs: Vec<&str> = rest.split('/').collect();
         if let [n @ .., "tags", tag] = segs.as_slice() {
             if !n.is_empty() {
-                let tag = Tag::parse(tag)
-                    .ok_or_else(|| ApiError::TagInvalid(format!("invalid tag {tag:?}")))?;
-                return Ok(Route::History {
-                    name: name(n)?,
-                    tag,
-                });
+                let tag =
+                    Tag::parse(tag).ok_or_else(|| ApiError::TagInvalid(format!("invalid tag {tag:?}")))?;
+                return Ok(Route::History { name: name(n)?, tag });
             }
         }
         return Err(ApiError::NotFound(format!("no such path {path:?}")));
@@ -75,9 +69,7 @@ pub fn parse(path: &str) -> Result<Route, ApiError> {
     let segs: Vec<&str> = rest.split('/').collect();
     if let Some(i) = segs.windows(2).position(|w| w == ["blobs", "uploads"]) {
         if i > 0 {
-            return Err(ApiError::Unsupported(
-                "wharf is a read-only mirror: pushes are not accepted".into(),
-            ));
+            return Err(ApiError::Unsupported("wharf is a read-only mirror: pushes are not accepted".into()));
         }
     }
     match segs.as_slice() {
@@ -118,10 +110,7 @@ mod tests {
             }
         );
         let d = format!("sha256:{}", "0".repeat(64));
-        assert!(matches!(
-            parse(&format!("/v2/x/y/blobs/{d}")),
-            Ok(Route::Blob { .. })
-        ));
+        assert!(matches!(parse(&format!("/v2/x/y/blobs/{d}")), Ok(Route::Blob { .. })));
         assert_eq!(parse("/v2/").expect("base"), Route::Base);
     }
 
@@ -136,21 +125,9 @@ mod tests {
         ] {
             assert!(matches!(parse(p), Err(ApiError::NameInvalid(_))), "{p}");
         }
-        assert!(matches!(
-            parse("/v2/a/blobs/sha256:zz"),
-            Err(ApiError::DigestInvalid(_))
-        ));
-        assert!(matches!(
-            parse("/v2/a/manifests/sha256:..%2f..%2fx"),
-            Err(ApiError::DigestInvalid(_))
-        ));
-        assert!(matches!(
-            parse("/v2/a/manifests/.bad"),
-            Err(ApiError::TagInvalid(_))
-        ));
-        assert!(matches!(
-            parse("/v2/a/blobs/uploads/"),
-            Err(ApiError::Unsupported(_))
-        ));
+        assert!(matches!(parse("/v2/a/blobs/sha256:zz"), Err(ApiError::DigestInvalid(_))));
+        assert!(matches!(parse("/v2/a/manifests/sha256:..%2f..%2fx"), Err(ApiError::DigestInvalid(_))));
+        assert!(matches!(parse("/v2/a/manifests/.bad"), Err(ApiError::TagInvalid(_))));
+        assert!(matches!(parse("/v2/a/blobs/uploads/"), Err(ApiError::Unsupported(_))));
     }
 }

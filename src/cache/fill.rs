@@ -60,9 +60,7 @@ impl Fill {
                 FillState::Failed(e) => return Err(e),
             }
             if rx.changed().await.is_err() {
-                return Err(CacheError::Internal(
-                    "blob download ended without a result".into(),
-                ));
+                return Err(CacheError::Internal("blob download ended without a result".into()));
             }
         }
     }
@@ -77,9 +75,7 @@ impl Fill {
                 _ => {}
             }
             if rx.changed().await.is_err() {
-                return Err(CacheError::Internal(
-                    "blob download ended without a result".into(),
-                ));
+                return Err(CacheError::Internal("blob download ended without a result".into()));
             }
         }
     }
@@ -132,11 +128,7 @@ impl Fill {
                     return;
                 }
                 if rx.changed().await.is_err() {
-                    let _ = tx
-                        .send(Err(io::Error::other(
-                            "blob download ended without a result",
-                        )))
-                        .await;
+                    let _ = tx.send(Err(io::Error::other("blob download ended without a result"))).await;
                     return;
                 }
             }
@@ -151,10 +143,7 @@ pub fn read_at(file: &File, off: u64, len: usize) -> io::Result<Bytes> {
     while got < len {
         let n = file.read_at(&mut buf[got..], off + got as u64)?;
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "blob shorter than expected",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than expected"));
         }
         got += n;
     }
@@ -178,17 +167,14 @@ impl Cache {
         if self.store.blob_size(d)?.is_some() {
             return Ok(None);
         }
-        let (file, spool) = self
-            .store
-            .spool()
-            .map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?;
+        let (file, spool) =
+            self.store.spool().map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?;
         let (tx, rx) = watch::channel(FillState::Connecting);
         let fill = Arc::new(Fill {
             digest: d.clone(),
             state: rx,
             file: Arc::new(
-                file.try_clone()
-                    .map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?,
+                file.try_clone().map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?,
             ),
         });
         fills.insert(d.clone(), fill.clone());
@@ -228,28 +214,20 @@ impl FillJob {
             Err(e) => {
                 let _ = std::fs::remove_file(&self.spool);
                 if let CacheError::DigestMismatch { .. } = e {
-                    metrics
-                        .digest_mismatch
-                        .with_label_values(&[&self.up.name])
-                        .inc();
+                    metrics.digest_mismatch.with_label_values(&[&self.up.name]).inc();
                 }
                 tracing::warn!(upstream = %self.up.name, repository = %self.repo, digest = %self.digest, error = %e, "blob download failed; nothing cached");
                 FillState::Failed(e)
             }
         };
-        self.cache
-            .fills
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.digest);
+        self.cache.fills.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.digest);
         let _ = self.tx.send(state);
     }
 
     async fn download(&self, file: File) -> Result<u64, CacheError> {
         let resp = self.up.get_blob(&self.repo, &self.digest).await?;
         let size = resp.content_length();
-        self.tx
-            .send_replace(FillState::Streaming { size, written: 0 });
+        self.tx.send_replace(FillState::Streaming { size, written: 0 });
         let mut stream = resp.bytes_stream();
         let mut written = 0u64;
         let mut sink = Some((file, Sha256::new()));
@@ -258,11 +236,9 @@ impl FillJob {
                 None => break,
                 Some(Ok(c)) => c,
                 Some(Err(e)) => {
-                    return Err(UpstreamError::Unavailable(format!(
-                        "blob body cut: {}",
-                        error_chain(&e)
-                    ))
-                    .into())
+                    return Err(
+                        UpstreamError::Unavailable(format!("blob body cut: {}", error_chain(&e))).into()
+                    )
                 }
             };
             // Batch what has already arrived into one blocking write.
@@ -271,25 +247,18 @@ impl FillJob {
                 match stream.next().now_or_never() {
                     Some(Some(Ok(c))) => batch.extend_from_slice(&c),
                     Some(Some(Err(e))) => {
-                        return Err(UpstreamError::Unavailable(format!(
-                            "blob body cut: {}",
-                            error_chain(&e)
-                        ))
-                        .into())
+                        return Err(
+                            UpstreamError::Unavailable(format!("blob body cut: {}", error_chain(&e))).into()
+                        )
                     }
                     Some(None) | None => break,
                 }
             }
             let n = batch.len() as u64;
             if size.is_some_and(|s| written + n > s) {
-                return Err(UpstreamError::Invalid(
-                    "blob body longer than its Content-Length".into(),
-                )
-                .into());
+                return Err(UpstreamError::Invalid("blob body longer than its Content-Length".into()).into());
             }
-            let (mut f, mut h) = sink
-                .take()
-                .ok_or_else(|| CacheError::Internal("spool lost".into()))?;
+            let (mut f, mut h) = sink.take().ok_or_else(|| CacheError::Internal("spool lost".into()))?;
             let (f, h, res) = tokio::task::spawn_blocking(move || {
                 h.update(&batch);
                 let res = f.write_all(&batch);
@@ -306,15 +275,10 @@ impl FillJob {
         let (f, h) = sink.ok_or_else(|| CacheError::Internal("spool lost".into()))?;
         let got = Digest::from_hasher(h);
         if got != self.digest {
-            return Err(CacheError::DigestMismatch {
-                want: self.digest.clone(),
-                got,
-            });
+            return Err(CacheError::DigestMismatch { want: self.digest.clone(), got });
         }
         if size.is_some_and(|s| s != written) {
-            return Err(
-                UpstreamError::Invalid("blob body shorter than its Content-Length".into()).into(),
-            );
+            return Err(UpstreamError::Invalid("blob body shorter than its Content-Length".into()).into());
         }
         let store: Arc<Store> = self.cache.store.clone();
         let (spool, d, key) = (self.spool.clone(), self.digest.clone(), self.key.clone());
@@ -339,20 +303,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("spool");
         std::fs::write(&path, vec![7u8; len]).expect("spool");
-        let (tx, rx) = watch::channel(FillState::Streaming {
-            size: Some(len as u64),
-            written: len as u64,
-        });
+        let (tx, rx) = watch::channel(FillState::Streaming { size: Some(len as u64), written: len as u64 });
         let file = Arc::new(File::open(&path).expect("open"));
-        (
-            Arc::new(Fill {
-                digest: Digest::of(b""),
-                state: rx,
-                file,
-            }),
-            tx,
-            dir,
-        )
+        (Arc::new(Fill { digest: Digest::of(b""), state: rx, file }), tx, dir)
     }
 
     async fn receive_at_least(rx: &mut mpsc::Receiver<io::Result<Bytes>>, n: usize) -> usize {
@@ -372,13 +325,8 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         fill.stream(tx, |_| {});
         let got = receive_at_least(&mut rx, 999).await;
-        state.send_replace(FillState::Failed(CacheError::Internal(
-            "digest mismatch".into(),
-        )));
-        assert!(
-            matches!(rx.recv().await, Some(Err(_))),
-            "the transfer is cut"
-        );
+        state.send_replace(FillState::Failed(CacheError::Internal("digest mismatch".into())));
+        assert!(matches!(rx.recv().await, Some(Err(_))), "the transfer is cut");
         assert_eq!(got, 999, "everything but the unverified last byte");
     }
 

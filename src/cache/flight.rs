@@ -13,9 +13,7 @@ pub struct Flights<K, V> {
 
 impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
     pub fn new() -> Self {
-        Flights {
-            map: Mutex::new(HashMap::new()),
-        }
+        Flights { map: Mutex::new(HashMap::new()) }
     }
 
     /// Runs `f` unless a call with `key` is in flight, in which case calls `on_join` and
@@ -68,8 +66,7 @@ mod tests {
         let gate = Arc::new(tokio::sync::Notify::new());
         let mut tasks = Vec::new();
         for _ in 0..8 {
-            let (flights, runs, gate, joins) =
-                (flights.clone(), runs.clone(), gate.clone(), joins.clone());
+            let (flights, runs, gate, joins) = (flights.clone(), runs.clone(), gate.clone(), joins.clone());
             tasks.push(tokio::spawn(async move {
                 flights
                     .run(
@@ -89,10 +86,7 @@ mod tests {
         // Wait until the one execution has started, then release it.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         while runs.load(Ordering::SeqCst) == 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no execution started"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "no execution started");
             tokio::task::yield_now().await;
         }
         gate.notify_one();

@@ -141,10 +141,7 @@ impl Cache {
         let known = self.store.tag(&key, tag)?;
         let cached = match &known {
             Some(m) => match Digest::parse(&m.digest) {
-                Some(d) => self
-                    .store
-                    .manifest(&key, &d)?
-                    .map(|man| (d, man, m.checked_ms)),
+                Some(d) => self.store.manifest(&key, &d)?.map(|man| (d, man, m.checked_ms)),
                 None => None,
             },
             None => None,
@@ -163,41 +160,24 @@ impl Cache {
             .run(
                 (key.clone(), tag.clone()),
                 || self.metrics.coalesced.inc(),
-                || {
-                    self.clone()
-                        .revalidate(up.clone(), name.clone(), key.clone(), tag.clone())
-                },
+                || self.clone().revalidate(up.clone(), name.clone(), key.clone(), tag.clone()),
             )
             .await;
         match res {
             Ok(rev) => {
-                let manifest = self
-                    .store
-                    .manifest(&key, &rev.digest)?
-                    .ok_or(UpstreamError::NotFound)?;
+                let manifest = self.store.manifest(&key, &rev.digest)?.ok_or(UpstreamError::NotFound)?;
                 let result = match (&cached, rev.moved) {
                     (None, _) => ManifestResult::Miss,
                     (Some(_), true) => ManifestResult::Refreshed,
                     (Some(_), false) => ManifestResult::Revalidated,
                 };
-                Ok(ServedManifest {
-                    digest: rev.digest,
-                    manifest,
-                    result,
-                })
+                Ok(ServedManifest { digest: rev.digest, manifest, result })
             }
             Err(CacheError::Upstream(e)) if e.is_transient() => match cached {
                 Some((digest, manifest, _)) => {
-                    self.metrics
-                        .stale_served
-                        .with_label_values(&[&up.name])
-                        .inc();
+                    self.metrics.stale_served.with_label_values(&[&up.name]).inc();
                     tracing::warn!(upstream = %up.name, repository = %name, tag = %tag, digest = %digest, error = %e, "upstream cannot answer; serving the last known digest");
-                    Ok(ServedManifest {
-                        digest,
-                        manifest,
-                        result: ManifestResult::Stale,
-                    })
+                    Ok(ServedManifest { digest, manifest, result: ManifestResult::Stale })
                 }
                 None => Err(e.into()),
             },
@@ -225,8 +205,7 @@ impl Cache {
                 // The upstream does not say the digest on HEAD: GET by tag and hash it.
                 let m = up.get_manifest(&name, tag.as_str()).await?;
                 let d = Digest::of(&m.bytes);
-                self.store_manifest(&key, &d, m.bytes, m.content_type)
-                    .await?;
+                self.store_manifest(&key, &d, m.bytes, m.content_type).await?;
                 d
             }
         };
@@ -247,11 +226,7 @@ impl Cache {
     ) -> Result<ServedManifest, CacheError> {
         let key = RepoKey::new(&up.name, name);
         if let Some(manifest) = self.store.manifest(&key, d)? {
-            return Ok(ServedManifest {
-                digest: d.clone(),
-                manifest,
-                result: ManifestResult::Hit,
-            });
+            return Ok(ServedManifest { digest: d.clone(), manifest, result: ManifestResult::Hit });
         }
         self.manifest_flights
             .run(
@@ -260,15 +235,8 @@ impl Cache {
                 || async { self.fetch_manifest(up, name, &key, d).await },
             )
             .await?;
-        let manifest = self
-            .store
-            .manifest(&key, d)?
-            .ok_or(UpstreamError::NotFound)?;
-        Ok(ServedManifest {
-            digest: d.clone(),
-            manifest,
-            result: ManifestResult::Miss,
-        })
+        let manifest = self.store.manifest(&key, d)?.ok_or(UpstreamError::NotFound)?;
+        Ok(ServedManifest { digest: d.clone(), manifest, result: ManifestResult::Miss })
     }
 
     /// GETs a manifest by digest, verifies it and stores it.
@@ -282,15 +250,9 @@ impl Cache {
         let m = up.get_manifest(name, &d.to_string()).await?;
         let got = Digest::of(&m.bytes);
         if got != *d {
-            self.metrics
-                .digest_mismatch
-                .with_label_values(&[&up.name])
-                .inc();
+            self.metrics.digest_mismatch.with_label_values(&[&up.name]).inc();
             tracing::warn!(upstream = %up.name, repository = %name, want = %d, got = %got, "manifest does not match its digest; not cached");
-            return Err(CacheError::DigestMismatch {
-                want: d.clone(),
-                got,
-            });
+            return Err(CacheError::DigestMismatch { want: d.clone(), got });
         }
         self.store_manifest(key, d, m.bytes, m.content_type).await
     }
@@ -361,12 +323,7 @@ impl Cache {
             self.store.link_layer(&RepoKey::new(&up.name, name), d)?;
             return Ok((Some(size), true));
         }
-        let inflight = self
-            .fills
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(d)
-            .cloned();
+        let inflight = self.fills.lock().unwrap_or_else(|p| p.into_inner()).get(d).cloned();
         if let Some(fill) = inflight {
             if let Ok(Some(size)) = fill.ready().await {
                 return Ok((Some(size), false));

@@ -59,10 +59,7 @@ fn put<T: Serialize>(tree: &sled::Tree, key: impl AsRef<[u8]>, v: &T) -> sled::R
 
 impl Index {
     pub fn open(path: &Path) -> sled::Result<Index> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(16 * 1024 * 1024)
-            .open()?;
+        let db = sled::Config::new().path(path).cache_capacity(16 * 1024 * 1024).open()?;
         Ok(Index {
             blobs: db.open_tree("blobs")?,
             tags: db.open_tree("tags")?,
@@ -102,10 +99,9 @@ impl Index {
         for kv in self.history.scan_prefix(prefix.as_bytes()) {
             let (k, v) = kv?;
             let hex = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            if let (Some(d), Ok(s)) = (
-                Digest::parse(&format!("sha256:{hex}")),
-                serde_json::from_slice::<Seen>(&v),
-            ) {
+            if let (Some(d), Ok(s)) =
+                (Digest::parse(&format!("sha256:{hex}")), serde_json::from_slice::<Seen>(&v))
+            {
                 out.push((d, s));
             }
         }

@@ -132,10 +132,7 @@ pub struct Store {
 
 /// Wall-clock time in unix milliseconds.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -169,16 +166,10 @@ impl Store {
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         let wharf_dir = data_dir.join("wharf");
         fs::create_dir_all(&wharf_dir)?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(wharf_dir.join("lock"))?;
+        let lock = File::options().create(true).truncate(false).write(true).open(wharf_dir.join("lock"))?;
         match lock.try_lock() {
             Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::Locked(data_dir.to_path_buf()))
-            }
+            Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Locked(data_dir.to_path_buf())),
             Err(fs::TryLockError::Error(e)) => return Err(e.into()),
         }
         let tree = Tree::open(data_dir)?;
@@ -192,12 +183,7 @@ impl Store {
                 Index::open(&index_path)?
             }
         };
-        let store = Store {
-            tree,
-            index,
-            accessed: Mutex::new(HashMap::new()),
-            _lock: lock,
-        };
+        let store = Store { tree, index, accessed: Mutex::new(HashMap::new()), _lock: lock };
         if !store.index.is_built()? {
             let stats = store.reindex()?;
             tracing::info!(?stats, "index built from the storage tree");
@@ -222,23 +208,13 @@ impl Store {
     /// Moves a verified spool file into place and indexes it.
     pub fn commit_blob(&self, spool: &Path, d: &Digest, size: u64) -> Result<(), StoreError> {
         self.tree.persist(spool, d)?;
-        self.index.put_blob(
-            d,
-            &BlobMeta {
-                size,
-                media_type: None,
-                accessed_ms: now_ms(),
-            },
-        )?;
+        self.index.put_blob(d, &BlobMeta { size, media_type: None, accessed_ms: now_ms() })?;
         Ok(())
     }
 
     /// Notes that blob `d` was served (written to the index by `flush_access`).
     pub fn touch(&self, d: &Digest) {
-        self.accessed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(d.clone(), now_ms());
+        self.accessed.lock().unwrap_or_else(|p| p.into_inner()).insert(d.clone(), now_ms());
     }
 
     /// Writes the pending last-access times to the index; returns how many.
@@ -319,18 +295,9 @@ impl Store {
 
     /// Records that the upstream says `t` points at `d` now. Moves the tag (current link and
     /// history) when it pointed elsewhere; returns whether it moved.
-    pub fn record_tag(
-        &self,
-        r: &RepoKey,
-        t: &Tag,
-        d: &Digest,
-        now: u64,
-    ) -> Result<bool, StoreError> {
+    pub fn record_tag(&self, r: &RepoKey, t: &Tag, d: &Digest, now: u64) -> Result<bool, StoreError> {
         let prev = self.index.tag(r, t)?;
-        let moved = prev
-            .as_ref()
-            .map(|p| p.digest != d.to_string())
-            .unwrap_or(true);
+        let moved = prev.as_ref().map(|p| p.digest != d.to_string()).unwrap_or(true);
         if moved {
             let idx = self.tree.tag_index_link(r, t, d);
             if !idx.exists() {
@@ -345,24 +312,11 @@ impl Store {
             }
         }
         let seen = match self.index.seen(r, t, d)? {
-            Some(s) => Seen {
-                last_seen_ms: now,
-                ..s
-            },
-            None => Seen {
-                first_seen_ms: now,
-                last_seen_ms: now,
-            },
+            Some(s) => Seen { last_seen_ms: now, ..s },
+            None => Seen { first_seen_ms: now, last_seen_ms: now },
         };
         self.index.put_seen(r, t, d, &seen)?;
-        self.index.put_tag(
-            r,
-            t,
-            &TagMeta {
-                digest: d.to_string(),
-                checked_ms: now,
-            },
-        )?;
+        self.index.put_tag(r, t, &TagMeta { digest: d.to_string(), checked_ms: now })?;
         Ok(moved)
     }
 
@@ -381,11 +335,7 @@ impl Store {
                 first_seen_ms: s.first_seen_ms,
             })
             .collect();
-        out.sort_by(|a, b| {
-            b.current
-                .cmp(&a.current)
-                .then(b.first_seen_ms.cmp(&a.first_seen_ms))
-        });
+        out.sort_by(|a, b| b.current.cmp(&a.current).then(b.first_seen_ms.cmp(&a.first_seen_ms)));
         Ok(out)
     }
 
@@ -399,21 +349,10 @@ impl Store {
             if e.file_name().and_then(|n| n.to_str()) != Some("data") {
                 continue;
             }
-            let hex = e
-                .parent()
-                .and_then(|p| p.file_name())
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
+            let hex = e.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()).unwrap_or_default();
             if let Some(d) = Digest::parse(&format!("sha256:{hex}")) {
                 let size = fs::metadata(&e)?.len();
-                self.index.put_blob(
-                    &d,
-                    &BlobMeta {
-                        size,
-                        media_type: None,
-                        accessed_ms: 0,
-                    },
-                )?;
+                self.index.put_blob(&d, &BlobMeta { size, media_type: None, accessed_ms: 0 })?;
                 stats.blobs += 1;
             }
         }
@@ -433,11 +372,7 @@ impl Store {
                     if let Some(mt) = manifest_media_type(&bytes) {
                         self.index.put_blob(
                             &d,
-                            &BlobMeta {
-                                size: bytes.len() as u64,
-                                media_type: Some(mt),
-                                accessed_ms: 0,
-                            },
+                            &BlobMeta { size: bytes.len() as u64, media_type: Some(mt), accessed_ms: 0 },
                         )?;
                         stats.manifests += 1;
                     }
@@ -449,11 +384,7 @@ impl Store {
             };
             for tag_dir in tags {
                 let tag_dir = tag_dir?.path();
-                let Some(tag) = tag_dir
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(Tag::parse)
-                else {
+                let Some(tag) = tag_dir.file_name().and_then(|n| n.to_str()).and_then(Tag::parse) else {
                     continue;
                 };
                 let current_link = tag_dir.join("current/link");
@@ -477,22 +408,12 @@ impl Store {
                         &repo,
                         &tag,
                         d,
-                        &Seen {
-                            first_seen_ms: *first,
-                            last_seen_ms: last,
-                        },
+                        &Seen { first_seen_ms: *first, last_seen_ms: last },
                     )?;
                     stats.history_entries += 1;
                 }
                 // checked_ms 0: the next request revalidates it.
-                self.index.put_tag(
-                    &repo,
-                    &tag,
-                    &TagMeta {
-                        digest: current.to_string(),
-                        checked_ms: 0,
-                    },
-                )?;
+                self.index.put_tag(&repo, &tag, &TagMeta { digest: current.to_string(), checked_ms: 0 })?;
                 stats.tags += 1;
             }
         }
@@ -558,10 +479,7 @@ mod tests {
     use super::*;
 
     fn repo() -> RepoKey {
-        RepoKey::new(
-            "docker.io",
-            &RepoName::parse("library/alpine").expect("valid"),
-        )
+        RepoKey::new("docker.io", &RepoName::parse("library/alpine").expect("valid"))
     }
 
     #[test]
@@ -569,16 +487,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         let (r, t) = (repo(), Tag::parse("latest").expect("tag"));
-        let (a, b) = (
-            Digest::of(b"{\"config\":{}}"),
-            Digest::of(b"{\"config\":{},\"x\":1}"),
-        );
-        store
-            .put_manifest(&r, &a, b"{\"config\":{}}", crate::oci::OCI_MANIFEST)
-            .expect("put a");
-        store
-            .put_manifest(&r, &b, b"{\"config\":{},\"x\":1}", crate::oci::OCI_MANIFEST)
-            .expect("put b");
+        let (a, b) = (Digest::of(b"{\"config\":{}}"), Digest::of(b"{\"config\":{},\"x\":1}"));
+        store.put_manifest(&r, &a, b"{\"config\":{}}", crate::oci::OCI_MANIFEST).expect("put a");
+        store.put_manifest(&r, &b, b"{\"config\":{},\"x\":1}", crate::oci::OCI_MANIFEST).expect("put b");
         assert!(store.record_tag(&r, &t, &a, 1_000).expect("tag a"));
         assert!(!store.record_tag(&r, &t, &a, 2_000).expect("same digest"));
         assert!(store.record_tag(&r, &t, &b, 3_000).expect("tag b"));
@@ -593,10 +504,7 @@ mod tests {
         let h = store.history(&r, &t).expect("history after reindex");
         assert_eq!(h.len(), 2);
         assert_eq!(h[0].digest, b.to_string());
-        assert_eq!(
-            store.tag(&r, &t).expect("tag").map(|m| m.digest),
-            Some(b.to_string())
-        );
+        assert_eq!(store.tag(&r, &t).expect("tag").map(|m| m.digest), Some(b.to_string()));
         let m = store.manifest(&r, &a).expect("read").expect("cached");
         assert_eq!(m.media_type, crate::oci::OCI_MANIFEST);
     }
@@ -606,33 +514,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         let d = Digest::of(b"{\"config\":{}}");
-        store
-            .put_manifest(&repo(), &d, b"{\"config\":{}}", crate::oci::OCI_MANIFEST)
-            .expect("put");
-        let before = store
-            .blob_meta(&d)
-            .expect("meta")
-            .expect("indexed")
-            .accessed_ms;
+        store.put_manifest(&repo(), &d, b"{\"config\":{}}", crate::oci::OCI_MANIFEST).expect("put");
+        let before = store.blob_meta(&d).expect("meta").expect("indexed").accessed_ms;
         store.touch(&d);
         assert_eq!(
-            store
-                .blob_meta(&d)
-                .expect("meta")
-                .expect("indexed")
-                .accessed_ms,
+            store.blob_meta(&d).expect("meta").expect("indexed").accessed_ms,
             before,
             "no index write on read"
         );
         assert_eq!(store.flush_access().expect("flush"), 1);
-        assert!(
-            store
-                .blob_meta(&d)
-                .expect("meta")
-                .expect("indexed")
-                .accessed_ms
-                >= before
-        );
+        assert!(store.blob_meta(&d).expect("meta").expect("indexed").accessed_ms >= before);
         assert_eq!(store.flush_access().expect("flush"), 0);
     }
 
@@ -641,10 +532,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let _s = Store::open(dir.path()).expect("open");
         assert!(is_locked(dir.path()));
-        assert!(matches!(
-            Store::open(dir.path()),
-            Err(StoreError::Locked(_))
-        ));
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked(_))));
     }
 
     #[test]
@@ -654,25 +542,18 @@ mod tests {
         let d = Digest::of(b"{\"manifests\":[]}");
         {
             let store = Store::open(dir.path()).expect("open");
-            store
-                .put_manifest(&r, &d, b"{\"manifests\":[]}", crate::oci::OCI_INDEX)
-                .expect("put");
+            store.put_manifest(&r, &d, b"{\"manifests\":[]}", crate::oci::OCI_INDEX).expect("put");
             store.record_tag(&r, &t, &d, 5).expect("tag");
         }
         let idx = dir.path().join("wharf/index");
         fs::remove_dir_all(&idx).expect("rm");
         fs::write(&idx, b"not a sled db").expect("garbage");
         let store = Store::open(dir.path()).expect("reopen");
-        assert_eq!(
-            store.tag(&r, &t).expect("tag").map(|m| m.digest),
-            Some(d.to_string())
-        );
-        assert!(fs::read_dir(dir.path().join("wharf"))
-            .expect("ls")
-            .any(|e| e
-                .expect("entry")
-                .file_name()
-                .to_string_lossy()
-                .starts_with("index.broken-")));
+        assert_eq!(store.tag(&r, &t).expect("tag").map(|m| m.digest), Some(d.to_string()));
+        assert!(fs::read_dir(dir.path().join("wharf")).expect("ls").any(|e| e
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .starts_with("index.broken-")));
     }
 }

@@ -50,19 +50,11 @@ impl Tree {
             }
         }
         fs::create_dir_all(&tmp)?;
-        Ok(Tree {
-            v2,
-            tmp,
-            seq: AtomicU64::new(0),
-        })
+        Ok(Tree { v2, tmp, seq: AtomicU64::new(0) })
     }
 
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.v2
-            .join("blobs/sha256")
-            .join(&d.hex()[..2])
-            .join(d.hex())
-            .join("data")
+        self.v2.join("blobs/sha256").join(&d.hex()[..2]).join(d.hex()).join("data")
     }
 
     pub fn repositories(&self) -> PathBuf {
@@ -78,47 +70,26 @@ impl Tree {
     }
 
     pub fn layer_link(&self, r: &RepoKey, d: &Digest) -> PathBuf {
-        self.repo(r)
-            .join("_layers/sha256")
-            .join(d.hex())
-            .join("link")
+        self.repo(r).join("_layers/sha256").join(d.hex()).join("link")
     }
 
     pub fn revision_link(&self, r: &RepoKey, d: &Digest) -> PathBuf {
-        self.repo(r)
-            .join("_manifests/revisions/sha256")
-            .join(d.hex())
-            .join("link")
+        self.repo(r).join("_manifests/revisions/sha256").join(d.hex()).join("link")
     }
 
     pub fn tag_current(&self, r: &RepoKey, t: &Tag) -> PathBuf {
-        self.repo(r)
-            .join("_manifests/tags")
-            .join(t.as_str())
-            .join("current/link")
+        self.repo(r).join("_manifests/tags").join(t.as_str()).join("current/link")
     }
 
     pub fn tag_index_link(&self, r: &RepoKey, t: &Tag, d: &Digest) -> PathBuf {
-        self.repo(r)
-            .join("_manifests/tags")
-            .join(t.as_str())
-            .join("index/sha256")
-            .join(d.hex())
-            .join("link")
+        self.repo(r).join("_manifests/tags").join(t.as_str()).join("index/sha256").join(d.hex()).join("link")
     }
 
     /// A new temp file for a download in progress.
     pub fn spool(&self) -> io::Result<(File, PathBuf)> {
-        let path = self.tmp.join(format!(
-            "{}-{}",
-            std::process::id(),
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        ));
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+        let path =
+            self.tmp.join(format!("{}-{}", std::process::id(), self.seq.fetch_add(1, Ordering::Relaxed)));
+        let f = File::options().read(true).write(true).create_new(true).open(&path)?;
         Ok((f, path))
     }
 
@@ -140,10 +111,7 @@ impl Tree {
 
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
         let (mut f, tmp) = self.spool()?;
-        let res = f
-            .write_all(bytes)
-            .and_then(|_| f.sync_all())
-            .and_then(|_| rename_into(&tmp, dest));
+        let res = f.write_all(bytes).and_then(|_| f.sync_all()).and_then(|_| rename_into(&tmp, dest));
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -154,9 +122,7 @@ impl Tree {
 /// Renames `src` to `dest`, creating `dest`'s parents, and fsyncs the directory so the
 /// new name survives a crash.
 fn rename_into(src: &Path, dest: &Path) -> io::Result<()> {
-    let parent = dest
-        .parent()
-        .ok_or_else(|| io::Error::other("destination has no parent"))?;
+    let parent = dest.parent().ok_or_else(|| io::Error::other("destination has no parent"))?;
     fs::create_dir_all(parent)?;
     fs::rename(src, dest)?;
     File::open(parent)?.sync_all()

@@ -11,11 +11,7 @@ use crate::config::Secret;
 /// A parsed `WWW-Authenticate` challenge.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Challenge {
-    Bearer {
-        realm: String,
-        service: Option<String>,
-        scope: Option<String>,
-    },
+    Bearer { realm: String, service: Option<String>, scope: Option<String> },
     Basic,
 }
 
@@ -29,17 +25,8 @@ pub fn parse_challenge(h: &str) -> Option<Challenge> {
         return None;
     }
     let params = parse_params(rest);
-    let get = |k: &str| {
-        params
-            .iter()
-            .find(|(pk, _)| pk.eq_ignore_ascii_case(k))
-            .map(|(_, v)| v.clone())
-    };
-    Some(Challenge::Bearer {
-        realm: get("realm")?,
-        service: get("service"),
-        scope: get("scope"),
-    })
+    let get = |k: &str| params.iter().find(|(pk, _)| pk.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
+    Some(Challenge::Bearer { realm: get("realm")?, service: get("service"), scope: get("scope") })
 }
 
 /// `k=v` and `k="v, with commas"` pairs separated by commas.
@@ -103,10 +90,7 @@ pub struct Auth {
 
 impl fmt::Debug for Auth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Auth")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
+        f.debug_struct("Auth").field("username", &self.username).field("password", &"<redacted>").finish()
     }
 }
 
@@ -123,12 +107,7 @@ pub struct TokenResponse {
 
 impl Auth {
     pub fn new(username: Option<String>, password: Option<Secret>) -> Auth {
-        Auth {
-            username,
-            password,
-            tokens: Mutex::new(HashMap::new()),
-            basic: false.into(),
-        }
+        Auth { username, password, tokens: Mutex::new(HashMap::new()), basic: false.into() }
     }
 
     pub fn credentials(&self) -> Option<(&str, &str)> {
@@ -167,13 +146,7 @@ impl Auth {
         let until = Instant::now() + ttl.mul_f64(0.9);
         if let Ok(mut tokens) = self.tokens.lock() {
             tokens.retain(|_, c| Instant::now() < c.until);
-            tokens.insert(
-                repo.to_owned(),
-                Cached {
-                    value: Secret(value.clone()),
-                    until,
-                },
-            );
+            tokens.insert(repo.to_owned(), Cached { value: Secret(value.clone()), until });
         }
         Some(Credential::Bearer(Secret(value)))
     }
@@ -214,11 +187,7 @@ mod tests {
         assert!(!format!("{a:?}").contains("sesame"));
         let t = a.store_token(
             "r",
-            TokenResponse {
-                token: Some("tok-123".into()),
-                access_token: None,
-                expires_in: None,
-            },
+            TokenResponse { token: Some("tok-123".into()), access_token: None, expires_in: None },
         );
         assert!(!format!("{t:?}").contains("tok-123"));
     }

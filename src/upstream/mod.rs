@@ -39,10 +39,7 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Whether a cached answer should stand in for this failure (stale-on-error).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::RateLimited | UpstreamError::Unavailable(_)
-        )
+        matches!(self, UpstreamError::RateLimited | UpstreamError::Unavailable(_))
     }
 }
 
@@ -73,10 +70,7 @@ pub struct Upstream {
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream")
-            .field("name", &self.name)
-            .field("url", &self.base.as_str())
-            .finish()
+        f.debug_struct("Upstream").field("name", &self.name).field("url", &self.base.as_str()).finish()
     }
 }
 
@@ -136,17 +130,9 @@ impl Upstream {
                     .and_then(|h| h.to_str().ok())
                     .and_then(parse_challenge);
                 cred = match challenge {
-                    Some(Challenge::Bearer {
-                        realm,
-                        service,
-                        scope,
-                    }) => {
-                        let scope =
-                            scope.unwrap_or_else(|| format!("repository:{}:pull", repo.as_str()));
-                        Some(
-                            self.fetch_token(repo, &realm, service.as_deref(), &scope)
-                                .await?,
-                        )
+                    Some(Challenge::Bearer { realm, service, scope }) => {
+                        let scope = scope.unwrap_or_else(|| format!("repository:{}:pull", repo.as_str()));
+                        Some(self.fetch_token(repo, &realm, service.as_deref(), &scope).await?)
                     }
                     Some(Challenge::Basic) => self.auth.use_basic(),
                     None => None,
@@ -205,23 +191,14 @@ impl Upstream {
             }
             Err(_) => {
                 self.fail(method, "timeout");
-                Err(UpstreamError::Unavailable(format!(
-                    "no response within {:?}",
-                    self.response_timeout
-                )))
+                Err(UpstreamError::Unavailable(format!("no response within {:?}", self.response_timeout)))
             }
         }
     }
 
     fn fail(&self, method: &str, kind: &str) {
-        self.metrics
-            .upstream_requests
-            .with_label_values(&[&self.name, method, "error"])
-            .inc();
-        self.metrics
-            .upstream_errors
-            .with_label_values(&[&self.name, kind])
-            .inc();
+        self.metrics.upstream_requests.with_label_values(&[&self.name, method, "error"]).inc();
+        self.metrics.upstream_errors.with_label_values(&[&self.name, kind]).inc();
     }
 
     fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
@@ -230,16 +207,11 @@ impl Upstream {
             return Ok(resp);
         }
         if status != StatusCode::NOT_FOUND {
-            self.metrics
-                .upstream_errors
-                .with_label_values(&[&self.name, "status"])
-                .inc();
+            self.metrics.upstream_errors.with_label_values(&[&self.name, "status"]).inc();
         }
         Err(match status {
             StatusCode::NOT_FOUND => UpstreamError::NotFound,
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                UpstreamError::Denied(status.as_u16())
-            }
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => UpstreamError::Denied(status.as_u16()),
             StatusCode::TOO_MANY_REQUESTS => UpstreamError::RateLimited,
             s if s.is_server_error() => UpstreamError::Unavailable(format!("HTTP {}", s.as_u16())),
             s => UpstreamError::Invalid(format!("unexpected HTTP {}", s.as_u16())),
@@ -254,8 +226,7 @@ impl Upstream {
         service: Option<&str>,
         scope: &str,
     ) -> Result<Credential, UpstreamError> {
-        let mut url =
-            Url::parse(realm).map_err(|e| UpstreamError::Invalid(format!("token realm: {e}")))?;
+        let mut url = Url::parse(realm).map_err(|e| UpstreamError::Invalid(format!("token realm: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(UpstreamError::Invalid("token realm is not http(s)".into()));
         }
@@ -272,10 +243,7 @@ impl Upstream {
         }
         let resp = self.timed("GET", req).await?;
         if !resp.status().is_success() {
-            self.metrics
-                .upstream_errors
-                .with_label_values(&[&self.name, "auth"])
-                .inc();
+            self.metrics.upstream_errors.with_label_values(&[&self.name, "auth"]).inc();
             return Err(match resp.status() {
                 s if s.is_server_error() => {
                     UpstreamError::Unavailable(format!("token endpoint HTTP {}", s.as_u16()))
@@ -284,10 +252,8 @@ impl Upstream {
                 s => UpstreamError::Denied(s.as_u16()),
             });
         }
-        let t: TokenResponse = resp
-            .json()
-            .await
-            .map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
+        let t: TokenResponse =
+            resp.json().await.map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
         self.auth
             .store_token(repo.as_str(), t)
             .ok_or_else(|| UpstreamError::Invalid("token response has no token".into()))
@@ -300,14 +266,9 @@ impl Upstream {
         reference: &str,
     ) -> Result<ManifestHead, UpstreamError> {
         let url = self.url(repo, "manifests", reference)?;
-        let resp = self
-            .send(Method::HEAD, url, repo, Some(MANIFEST_ACCEPT))
-            .await?;
-        let digest = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|h| h.to_str().ok())
-            .and_then(Digest::parse);
+        let resp = self.send(Method::HEAD, url, repo, Some(MANIFEST_ACCEPT)).await?;
+        let digest =
+            resp.headers().get("docker-content-digest").and_then(|h| h.to_str().ok()).and_then(Digest::parse);
         Ok(ManifestHead { digest })
     }
 
@@ -318,13 +279,8 @@ impl Upstream {
         reference: &str,
     ) -> Result<FetchedManifest, UpstreamError> {
         let url = self.url(repo, "manifests", reference)?;
-        let resp = self
-            .send(Method::GET, url, repo, Some(MANIFEST_ACCEPT))
-            .await?;
-        if resp
-            .content_length()
-            .is_some_and(|l| l > MAX_MANIFEST_BYTES as u64)
-        {
+        let resp = self.send(Method::GET, url, repo, Some(MANIFEST_ACCEPT)).await?;
+        if resp.content_length().is_some_and(|l| l > MAX_MANIFEST_BYTES as u64) {
             return Err(UpstreamError::TooLarge);
         }
         let content_type = resp
@@ -335,40 +291,25 @@ impl Upstream {
         let mut body = BytesMut::new();
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                UpstreamError::Unavailable(format!("manifest body: {}", error_chain(&e)))
-            })?;
+            let chunk = chunk
+                .map_err(|e| UpstreamError::Unavailable(format!("manifest body: {}", error_chain(&e))))?;
             if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
                 return Err(UpstreamError::TooLarge);
             }
             body.extend_from_slice(&chunk);
         }
-        self.metrics
-            .upstream_bytes
-            .with_label_values(&[&self.name])
-            .inc_by(body.len() as u64);
-        Ok(FetchedManifest {
-            bytes: body.freeze(),
-            content_type,
-        })
+        self.metrics.upstream_bytes.with_label_values(&[&self.name]).inc_by(body.len() as u64);
+        Ok(FetchedManifest { bytes: body.freeze(), content_type })
     }
 
     /// GETs a blob; the caller streams the body.
-    pub async fn get_blob(
-        &self,
-        repo: &RepoName,
-        d: &Digest,
-    ) -> Result<reqwest::Response, UpstreamError> {
+    pub async fn get_blob(&self, repo: &RepoName, d: &Digest) -> Result<reqwest::Response, UpstreamError> {
         let url = self.url(repo, "blobs", &d.to_string())?;
         self.send(Method::GET, url, repo, None).await
     }
 
     /// HEADs a blob: its size, when the upstream says.
-    pub async fn head_blob(
-        &self,
-        repo: &RepoName,
-        d: &Digest,
-    ) -> Result<Option<u64>, UpstreamError> {
+    pub async fn head_blob(&self, repo: &RepoName, d: &Digest) -> Result<Option<u64>, UpstreamError> {
         let url = self.url(repo, "blobs", &d.to_string())?;
         let resp = self.send(Method::HEAD, url, repo, None).await?;
         Ok(resp
@@ -379,10 +320,7 @@ impl Upstream {
     }
 
     pub fn count_body_bytes(&self, n: u64) {
-        self.metrics
-            .upstream_bytes
-            .with_label_values(&[&self.name])
-            .inc_by(n);
+        self.metrics.upstream_bytes.with_label_values(&[&self.name]).inc_by(n);
     }
 }
 

@@ -83,9 +83,7 @@ pub struct Fake {
 
 impl Fake {
     pub async fn start() -> Fake {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(State::default());
         let (gtx, _) = watch::channel(false);
@@ -110,11 +108,7 @@ impl Fake {
                 });
             }
         });
-        Fake {
-            addr,
-            state,
-            _stop: stop,
-        }
+        Fake { addr, state, _stop: stop }
     }
 
     pub fn url(&self) -> String {
@@ -124,28 +118,15 @@ impl Fake {
     /// Adds a blob; returns its digest.
     pub fn blob(&self, bytes: Vec<u8>) -> String {
         let d = sha256(&bytes);
-        self.state
-            .blobs
-            .lock()
-            .expect("lock")
-            .insert(d.clone(), bytes);
+        self.state.blobs.lock().expect("lock").insert(d.clone(), bytes);
         d
     }
 
     /// Adds a manifest under `name` by digest and, if given, by tag; returns its digest.
-    pub fn manifest(
-        &self,
-        name: &str,
-        tag: Option<&str>,
-        media_type: &str,
-        bytes: Vec<u8>,
-    ) -> String {
+    pub fn manifest(&self, name: &str, tag: Option<&str>, media_type: &str, bytes: Vec<u8>) -> String {
         let d = sha256(&bytes);
         let mut m = self.state.manifests.lock().expect("lock");
-        m.insert(
-            format!("{name}@{d}"),
-            (media_type.to_owned(), bytes.clone()),
-        );
+        m.insert(format!("{name}@{d}"), (media_type.to_owned(), bytes.clone()));
         if let Some(t) = tag {
             m.insert(format!("{name}:{t}"), (media_type.to_owned(), bytes));
         }
@@ -153,11 +134,7 @@ impl Fake {
     }
 
     pub fn set_blob_mode(&self, digest: &str, mode: BlobMode) {
-        self.state
-            .blob_modes
-            .lock()
-            .expect("lock")
-            .insert(digest.to_owned(), mode);
+        self.state.blob_modes.lock().expect("lock").insert(digest.to_owned(), mode);
     }
 
     pub fn set_manifest_fault(&self, f: ManifestFault) {
@@ -193,19 +170,12 @@ impl Fake {
 
     /// How many requests with `method` had a path ending in `suffix`.
     pub fn count(&self, method: &str, suffix: &str) -> usize {
-        self.seen()
-            .iter()
-            .filter(|s| s.method == method && s.path.ends_with(suffix))
-            .count()
+        self.seen().iter().filter(|s| s.method == method && s.path.ends_with(suffix)).count()
     }
 }
 
 fn full(status: u16, headers: &[(&str, String)], body: Vec<u8>) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
     *r.status_mut() = StatusCode::from_u16(status).expect("status");
     for (k, v) in headers {
         r.headers_mut().insert(
@@ -232,17 +202,8 @@ impl http_body::Body for ChannelBody {
 async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let method = req.method().as_str().to_owned();
-    let host = req
-        .headers()
-        .get("host")
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let authorization = req
-        .headers()
-        .get("authorization")
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned);
+    let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
+    let authorization = req.headers().get("authorization").and_then(|h| h.to_str().ok()).map(str::to_owned);
     st.seen.lock().expect("lock").push(Seen {
         method: method.clone(),
         path: path.clone(),
@@ -279,13 +240,12 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
             .is_some_and(|t| st.tokens.lock().expect("lock").contains(t));
         if !ok {
             let repo = rest.rsplitn(3, '/').nth(2).unwrap_or("");
-            let challenge = format!("Bearer realm=\"http://{addr}/token\",service=\"fake\",scope=\"repository:{repo}:pull\"");
+            let challenge = format!(
+                "Bearer realm=\"http://{addr}/token\",service=\"fake\",scope=\"repository:{repo}:pull\""
+            );
             return full(
                 401,
-                &[
-                    ("www-authenticate", challenge),
-                    ("content-type", "application/json".into()),
-                ],
+                &[("www-authenticate", challenge), ("content-type", "application/json".into())],
                 b"{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}".to_vec(),
             );
         }
@@ -293,11 +253,7 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
     let basic = st.basic.lock().expect("lock").clone();
     if let Some(expected) = basic {
         if authorization.as_deref() != Some(expected.as_str()) {
-            return full(
-                401,
-                &[("www-authenticate", "Basic realm=\"fake\"".into())],
-                b"{}".to_vec(),
-            );
+            return full(401, &[("www-authenticate", "Basic realm=\"fake\"".into())], b"{}".to_vec());
         }
     }
     if rest.is_empty() {
@@ -320,12 +276,7 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
                     std::future::pending::<()>().await;
                 }
                 Some(ManifestFault::GatedHead) if head => {
-                    let gate = st
-                        .gate
-                        .lock()
-                        .expect("lock")
-                        .as_ref()
-                        .map(|g| g.subscribe());
+                    let gate = st.gate.lock().expect("lock").as_ref().map(|g| g.subscribe());
                     if let Some(mut g) = gate {
                         let _ = g.wait_for(|open| *open).await;
                     }
@@ -358,13 +309,8 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
             let Some(bytes) = st.blobs.lock().expect("lock").get(reference).cloned() else {
                 return full(404, &[], vec![]);
             };
-            let mode = st
-                .blob_modes
-                .lock()
-                .expect("lock")
-                .get(reference)
-                .cloned()
-                .unwrap_or(BlobMode::Normal);
+            let mode =
+                st.blob_modes.lock().expect("lock").get(reference).cloned().unwrap_or(BlobMode::Normal);
             let len_h = ("content-length", bytes.len().to_string());
             if head {
                 return full(200, &[len_h], vec![]);
@@ -375,26 +321,16 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
             };
             match mode {
                 BlobMode::Normal => full(200, &[len_h], bytes),
-                BlobMode::Wrong(other) => {
-                    full(200, &[("content-length", other.len().to_string())], other)
-                }
+                BlobMode::Wrong(other) => full(200, &[("content-length", other.len().to_string())], other),
                 BlobMode::RedirectToLocalhost => full(
                     307,
-                    &[(
-                        "location",
-                        format!("http://localhost:{}/cdn/{reference}", addr.port()),
-                    )],
+                    &[("location", format!("http://localhost:{}/cdn/{reference}", addr.port()))],
                     vec![],
                 ),
                 BlobMode::WrongGatedAfter(..) => unreachable!("mapped to GatedAfter above"),
                 BlobMode::CutAfter(k) | BlobMode::GatedAfter(k) => {
                     let (tx, rx) = mpsc::channel(4);
-                    let gate = st
-                        .gate
-                        .lock()
-                        .expect("lock")
-                        .as_ref()
-                        .map(|g| g.subscribe());
+                    let gate = st.gate.lock().expect("lock").as_ref().map(|g| g.subscribe());
                     let cut = matches!(mode, BlobMode::CutAfter(_));
                     let total = bytes.len();
                     tokio::spawn(async move {
@@ -414,8 +350,7 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
                         }
                     });
                     let mut r = Response::new(ChannelBody(rx).boxed_unsync());
-                    r.headers_mut()
-                        .insert("content-length", total.to_string().parse().expect("len"));
+                    r.headers_mut().insert("content-length", total.to_string().parse().expect("len"));
                     r
                 }
             }

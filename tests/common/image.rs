@@ -19,10 +19,8 @@ pub fn sha256(b: &[u8]) -> String {
 
 /// Deterministic pseudo-random bytes (xorshift), incompressible enough for realistic layers.
 pub fn noise(seed: &str, len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15
-        ^ seed
-            .bytes()
-            .fold(0u64, |a, b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
+    let mut x: u64 =
+        0x9E37_79B9_7F4A_7C15 ^ seed.bytes().fold(0u64, |a, b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         x ^= x << 13;
@@ -54,10 +52,7 @@ struct Writer<'a> {
 impl Writer<'_> {
     fn put(&mut self, bytes: &[u8]) -> (String, usize) {
         let d = sha256(bytes);
-        let p = self
-            .dir
-            .join("blobs/sha256")
-            .join(d.trim_start_matches("sha256:"));
+        let p = self.dir.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
         std::fs::write(p, bytes).expect("write blob");
         self.blobs.push(d.clone());
         (d, bytes.len())
@@ -71,25 +66,17 @@ impl Writer<'_> {
         h.set_mode(0o644);
         h.set_mtime(0);
         h.set_cksum();
-        tar.append_data(&mut h, format!("data/{seed}.bin"), &data[..])
-            .expect("tar");
+        tar.append_data(&mut h, format!("data/{seed}.bin"), &data[..]).expect("tar");
         let tar = tar.into_inner().expect("tar");
         let diff_id = sha256(&tar);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&tar).expect("gzip");
         let gz = gz.finish().expect("gzip");
         let (d, len) = self.put(&gz);
-        (
-            json!({ "mediaType": OCI_LAYER, "digest": d, "size": len }),
-            diff_id,
-        )
+        (json!({ "mediaType": OCI_LAYER, "digest": d, "size": len }), diff_id)
     }
 
-    fn manifest(
-        &mut self,
-        config: serde_json::Value,
-        layers: Vec<serde_json::Value>,
-    ) -> (String, usize) {
+    fn manifest(&mut self, config: serde_json::Value, layers: Vec<serde_json::Value>) -> (String, usize) {
         let cfg = serde_json::to_vec(&config).expect("json");
         let (cd, clen) = self.put(&cfg);
         let m = json!({
@@ -106,12 +93,8 @@ impl Writer<'_> {
 /// sizes of each platform's layers.
 pub fn write_layout(dir: &Path, seed: &str, tag: &str, layer_sizes: &[usize]) -> Layout {
     std::fs::create_dir_all(dir.join("blobs/sha256")).expect("mkdir");
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
-        .expect("oci-layout");
-    let mut w = Writer {
-        dir,
-        blobs: Vec::new(),
-    };
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).expect("oci-layout");
+    let mut w = Writer { dir, blobs: Vec::new() };
     let mut entries = Vec::new();
     let mut images = Vec::new();
     let mut attestations = Vec::new();
@@ -148,15 +131,6 @@ pub fn write_layout(dir: &Path, seed: &str, tag: &str, layer_sizes: &[usize]) ->
     let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries });
     let (id, ilen) = w.put(&serde_json::to_vec(&index).expect("json"));
     let top = json!({ "schemaVersion": 2, "manifests": [{ "mediaType": OCI_INDEX, "digest": id, "size": ilen, "annotations": { "org.opencontainers.image.ref.name": tag } }] });
-    std::fs::write(
-        dir.join("index.json"),
-        serde_json::to_vec(&top).expect("json"),
-    )
-    .expect("index.json");
-    Layout {
-        index: id,
-        images,
-        attestations,
-        blobs: w.blobs,
-    }
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&top).expect("json")).expect("index.json");
+    Layout { index: id, images, attestations, blobs: w.blobs }
 }

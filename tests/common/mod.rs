@@ -20,10 +20,7 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {secs}s waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -39,34 +36,18 @@ pub async fn wait_until<T, F: std::future::Future<Output = Option<T>>>(
         if let Some(v) = f().await {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {secs}s waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 fn http_ok(url: &str) -> bool {
-    let Ok(out) = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-m",
-            "2",
-            "-w",
-            "%{http_code}",
-            url,
-        ])
-        .output()
+    let Ok(out) =
+        Command::new("curl").args(["-s", "-o", "/dev/null", "-m", "2", "-w", "%{http_code}", url]).output()
     else {
         return false;
     };
@@ -78,9 +59,7 @@ fn reap_with_me(pid: u32) {
     let me = std::process::id();
     let _ = Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -9 {pid} 2>/dev/null"
-        ))
+        .arg(format!("while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -9 {pid} 2>/dev/null"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -112,11 +91,7 @@ impl Registry {
             let port = free_port();
             let cfg_dir = root.parent().expect("root has a parent").to_path_buf();
             let cfg = cfg_dir.join(format!("registry-{port}.yml"));
-            let ro = if read_only {
-                "  maintenance:\n    readonly:\n      enabled: true\n"
-            } else {
-                ""
-            };
+            let ro = if read_only { "  maintenance:\n    readonly:\n      enabled: true\n" } else { "" };
             std::fs::write(
                 &cfg,
                 format!(
@@ -125,8 +100,7 @@ impl Registry {
                 ),
             )
             .expect("write registry config");
-            let log =
-                std::fs::File::create(cfg_dir.join(format!("registry-{port}.log"))).expect("log");
+            let log = std::fs::File::create(cfg_dir.join(format!("registry-{port}.log"))).expect("log");
             let child = Command::new("docker-registry")
                 .arg("serve")
                 .arg(&cfg)
@@ -199,11 +173,7 @@ pub fn skopeo_try(args: &[&str]) -> Result<String, String> {
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
+        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 }
 
@@ -260,25 +230,15 @@ impl Wharf {
         .expect("write config");
         let data = dir.path().join("data");
         let log = dir.path().join("wharf.log");
-        let mut w = Wharf {
-            child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            data,
-            config,
-            log,
-            dir,
-        };
+        let mut w =
+            Wharf { child: None, addr: SocketAddr::from(([127, 0, 0, 1], 0)), data, config, log, dir };
         w.launch();
         w
     }
 
     fn launch(&mut self) {
         let _ = std::fs::remove_file(self.data.join("wharf/server.json"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
         let child = Command::new(wharf_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(&self.config)
@@ -298,9 +258,7 @@ impl Wharf {
             v["addr"].as_str()?.parse::<SocketAddr>().ok()
         });
         self.addr = addr;
-        wait_for(20, "wharf /v2/", || {
-            http_ok(&format!("http://{addr}/v2/")).then_some(())
-        });
+        wait_for(20, "wharf /v2/", || http_ok(&format!("http://{addr}/v2/")).then_some(()));
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -315,13 +273,8 @@ impl Wharf {
     /// SIGTERM, then waits for a clean exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("wharf is running");
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
-        wait_for(30, "wharf to exit after SIGTERM", || {
-            c.try_wait().ok().flatten()
-        })
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        wait_for(30, "wharf to exit after SIGTERM", || c.try_wait().ok().flatten())
     }
 
     pub fn restart(&mut self) {
@@ -353,12 +306,8 @@ impl Wharf {
 
     /// Sum of every series of `name` whose labels include all of `labels`.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let text = reqwest::get(self.url("/metrics"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
+        let text =
+            reqwest::get(self.url("/metrics")).await.expect("metrics").text().await.expect("metrics text");
         metric_sum(&text, name, labels)
     }
 }
@@ -373,11 +322,7 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                 Some((n, rest)) => (n, rest),
                 None => (series, ""),
             };
-            if n != name
-                || !labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-            {
+            if n != name || !labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
                 return None;
             }
             value.parse::<f64>().ok()
@@ -413,12 +358,8 @@ pub fn layout_blobs(layout: &Path) -> std::collections::BTreeSet<String> {
 /// The digest of the top manifest in an OCI layout's index.json.
 pub fn layout_top_digest(layout: &Path) -> String {
     let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index.json"))
-            .expect("json");
-    v["manifests"][0]["digest"]
-        .as_str()
-        .expect("digest")
-        .to_owned()
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index.json")).expect("json");
+    v["manifests"][0]["digest"].as_str().expect("digest").to_owned()
 }
 
 /// Every file below `dir`, with its size, for before/after comparisons.
@@ -435,10 +376,7 @@ pub fn tree_listing(dir: &Path) -> Vec<(String, u64)> {
                 stack.push(p);
             } else {
                 let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                out.push((
-                    p.strip_prefix(dir).expect("below").display().to_string(),
-                    len,
-                ));
+                out.push((p.strip_prefix(dir).expect("below").display().to_string(), len));
             }
         }
     }
