@@ -14,7 +14,7 @@ use url::Url;
 use crate::oci::valid_component;
 
 /// Top-level keys, the only ones taken from `WHARF_…` environment variables.
-const CONFIG_KEYS: &[&str] = &["listen", "data_dir", "shutdown_grace", "upstreams"];
+const CONFIG_KEYS: &[&str] = &["listen", "data_dir", "shutdown_grace", "upstreams", "tls"];
 
 /// Everything wharf reads at start-up.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -29,6 +29,19 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Registries to pull through; the first is the default.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Serve HTTPS with this certificate (plain HTTP when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The server certificate, reloaded on SIGHUP or when the files change.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 /// One registry wharf pulls through from.
@@ -61,6 +74,21 @@ pub struct UpstreamConfig {
     /// Limit on a pause between two chunks of a response body.
     #[serde(with = "humantime_serde", default = "default_idle_timeout")]
     pub idle_timeout: Duration,
+    /// Other host names clients use for this registry in `?ns=` (e.g. `index.docker.io`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// Allows an `http://` url, and skips certificate checks for an `https://` one.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Extra CA certificates (PEM) to trust for this upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Repository globs that may be pulled (`library/*`, `org/**`); empty allows all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Repository globs that may not be pulled; checked before `allow`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -91,6 +119,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./wharf-data"),
             shutdown_grace: Duration::from_secs(30),
             upstreams: vec![UpstreamConfig::new("docker.io", docker_hub())],
+            tls: None,
         }
     }
 }
@@ -104,7 +133,6 @@ impl UpstreamConfig {
     pub fn new(name: &str, url: Url) -> Self {
         UpstreamConfig {
             name: name.to_owned(),
-            url,
             username: None,
             password: None,
             password_file: None,
@@ -112,7 +140,18 @@ impl UpstreamConfig {
             connect_timeout: default_connect_timeout(),
             response_timeout: default_response_timeout(),
             idle_timeout: default_idle_timeout(),
+            aliases: Vec::new(),
+            insecure: url.scheme() == "http",
+            ca_file: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            url,
         }
+    }
+
+    /// Whether clients address this upstream as `host` (its name or an alias).
+    pub fn answers_to(&self, host: &str) -> bool {
+        self.name == host || self.aliases.iter().any(|a| a == host)
     }
 
     /// The password, from `password` or `password_file`.
@@ -171,7 +210,11 @@ impl Config {
         }
         if let Some(u) = &overrides.upstream {
             match cfg.upstreams.first_mut() {
-                Some(first) => first.url = u.clone(),
+                // An http URL typed on the command line is consent enough for plain http.
+                Some(first) => {
+                    first.insecure |= u.scheme() == "http";
+                    first.url = u.clone();
+                }
                 None => cfg.upstreams.push(UpstreamConfig::new("docker.io", u.clone())),
             }
         }
@@ -191,14 +234,29 @@ impl Config {
                     u.name
                 )));
             }
-            if self.upstreams[..i].iter().any(|o| o.name == u.name) {
-                return Err(ConfigError::Invalid(format!("upstreams[{i}].name {:?} is used twice", u.name)));
-            }
             if !matches!(u.url.scheme(), "http" | "https") || u.url.host().is_none() {
                 return Err(ConfigError::Invalid(format!(
                     "upstreams[{i}].url {}: must be http(s)://host",
                     u.url
                 )));
+            }
+            if u.url.scheme() == "http" && !u.insecure {
+                return Err(ConfigError::Invalid(format!(
+                    "upstreams[{i}].url {} is plain http: set insecure = true to allow it",
+                    u.url
+                )));
+            }
+            let names = std::iter::once(&u.name).chain(&u.aliases);
+            for (j, o) in self.upstreams[..i].iter().enumerate() {
+                if let Some(n) = names.clone().find(|n| o.answers_to(n)) {
+                    return Err(ConfigError::Invalid(format!(
+                        "upstreams[{i}]: name {n:?} is already used by upstreams[{j}]"
+                    )));
+                }
+            }
+            for g in u.allow.iter().chain(&u.deny) {
+                globset::Glob::new(g)
+                    .map_err(|e| ConfigError::Invalid(format!("upstreams[{i}]: bad pattern {g:?}: {e}")))?;
             }
             if u.password.is_some() && u.password_file.is_some() {
                 return Err(ConfigError::Invalid(format!(

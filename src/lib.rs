@@ -81,8 +81,10 @@ impl AppState {
         &self.cache.store
     }
 
-    /// The cached repository a user-facing name denotes (`docker.io/library/x` or `library/x`).
-    pub fn repo_key(&self, name: &RepoName) -> RepoKey {
-        api::repo_key(&self.upstreams, name)
+    /// The cached repository a user-facing name denotes, resolved as a pull would be
+    /// (`alpine`, `library/alpine` and `docker.io/library/alpine` are the same).
+    pub fn repo_key(&self, name: &RepoName) -> Result<RepoKey, api::ApiError> {
+        let (up, repo) = api::resolve(&self.upstreams, name, None)?;
+        Ok(RepoKey::new(&up.name, &repo))
     }
 }

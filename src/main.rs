@@ -105,7 +105,7 @@ async fn history(config: Config, image: &str, json: bool) -> Res {
         body
     } else {
         let state = AppState::open(config)?;
-        let key = state.repo_key(&name);
+        let key = state.repo_key(&name).map_err(|e| e.to_string())?;
         let entries = state.store().history(&key, &tag)?;
         if entries.is_empty() {
             return Err(format!("no history for {}:{tag}", key.as_str()).into());

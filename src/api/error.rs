@@ -39,6 +39,12 @@ struct Entry<'a> {
     message: &'a str,
 }
 
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())
+    }
+}
+
 impl ApiError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
@@ -103,6 +109,16 @@ impl ApiError {
                 ApiError::BadGateway(e.to_string())
             }
             e @ (CacheError::Store(_) | CacheError::Internal(_)) => ApiError::Internal(e.to_string()),
+        }
+    }
+
+    /// For a listing, an unknown upstream repository is an unknown name.
+    pub fn for_listing(self) -> ApiError {
+        match self {
+            ApiError::ManifestUnknown(_) => {
+                ApiError::NameUnknown("repository unknown to the upstream registry".into())
+            }
+            e => e,
         }
     }
 

@@ -39,7 +39,7 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Response<Body> {
                 "{method} is not supported: wharf is a read-only mirror"
             )));
         }
-        dispatch(&state, route?, req.headers(), head).await
+        dispatch(&state, route?, &Query::parse(req.uri().query()), req.headers(), head).await
     }
     .instrument(span.clone())
     .await;
@@ -54,6 +54,7 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Response<Body> {
 async fn dispatch(
     state: &AppState,
     route: Route,
+    query: &Query,
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response<Body>, ApiError> {
@@ -67,7 +68,7 @@ async fn dispatch(
             Ok(r)
         }
         Route::Manifest { name, reference } => {
-            let up = state.default_upstream().clone();
+            let (up, name) = pullable(state, &name, query)?;
             let res = manifest(state, &up, &name, &reference, headers).await;
             let result = match &res {
                 Ok(m) => m.result.as_str(),
@@ -81,7 +82,7 @@ async fn dispatch(
             Ok(manifest_response(&m, head))
         }
         Route::Blob { name, digest } => {
-            let up = state.default_upstream().clone();
+            let (up, name) = pullable(state, &name, query)?;
             let res = if head {
                 blob_head(state, &up, &name, &digest).await
             } else {
@@ -92,11 +93,133 @@ async fn dispatch(
             }
             res
         }
-        Route::TagsList { .. } => {
-            Err(ApiError::NotFound("tag listing is not served by this version of wharf".into()))
+        Route::TagsList { name: asked } => {
+            let (up, name) = pullable(state, &asked, query)?;
+            let page = state
+                .cache
+                .tags_list(&up, &name, query.n, query.last.as_deref())
+                .await
+                .map_err(|e| ApiError::from_cache(e, false).for_listing())?;
+            let json = serde_json::json!({ "name": name.as_str(), "tags": page.names });
+            let next = format!("/v2/{}/tags/list", asked.as_str());
+            Ok(listing_response(json, &page, &next, query, head))
         }
-        Route::History { name, tag } => history(state, &name, &tag, head),
+        Route::Catalog => {
+            let up = match &query.ns {
+                Some(ns) => find_upstream(&state.upstreams, ns)?,
+                None => state.default_upstream().clone(),
+            };
+            let page = state
+                .cache
+                .catalog(&up, query.n, query.last.as_deref())
+                .await
+                .map_err(|e| ApiError::from_cache(e, false))?;
+            let json = serde_json::json!({ "repositories": page.names });
+            Ok(listing_response(json, &page, "/v2/_catalog", query, head))
+        }
+        Route::History { name, tag } => history(state, &name, &tag, query, head),
     }
+}
+
+/// The query parameters wharf reads.
+#[derive(Debug, Default)]
+pub struct Query {
+    /// `ns=<registry host>`: containerd names the registry a mirror serves.
+    pub ns: Option<String>,
+    /// Page size of a listing.
+    pub n: Option<usize>,
+    /// Last name of the previous page of a listing.
+    pub last: Option<String>,
+}
+
+impl Query {
+    pub fn parse(q: Option<&str>) -> Query {
+        let mut out = Query::default();
+        for (k, v) in url::form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
+            match &*k {
+                "ns" => out.ns = Some(v.into_owned()),
+                "n" => out.n = v.parse().ok(),
+                "last" => out.last = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+fn find_upstream(upstreams: &[Arc<Upstream>], host: &str) -> Result<Arc<Upstream>, ApiError> {
+    upstreams.iter().find(|u| u.answers_to(host)).cloned().ok_or_else(|| {
+        ApiError::NameUnknown(format!("no upstream registry {host:?} is configured in this mirror"))
+    })
+}
+
+/// The upstream and upstream-relative repository a request names, in this order: `?ns=`,
+/// a path prefix naming an upstream (`/v2/ghcr.io/org/app/...`), else the default upstream.
+/// A first segment that looks like a host (`quay.io`) but names no upstream is refused:
+/// wharf never contacts a registry it was not configured for. Docker Hub's one-segment
+/// names are its official images (`alpine` is `library/alpine`).
+pub fn resolve(
+    upstreams: &[Arc<Upstream>],
+    name: &RepoName,
+    ns: Option<&str>,
+) -> Result<(Arc<Upstream>, RepoName), ApiError> {
+    let (up, repo) = match (ns, name.as_str().split_once('/')) {
+        (Some(ns), _) => (find_upstream(upstreams, ns)?, name.clone()),
+        (None, Some((first, rest))) => match upstreams.iter().find(|u| u.answers_to(first)) {
+            Some(up) => {
+                let rest = RepoName::parse(rest)
+                    .ok_or_else(|| ApiError::NameInvalid(format!("invalid repository name {rest:?}")))?;
+                (up.clone(), rest)
+            }
+            None if first.contains('.') || first == "localhost" => {
+                return Err(ApiError::NameUnknown(format!(
+                    "no upstream registry {first:?} is configured in this mirror"
+                )))
+            }
+            None => (upstreams[0].clone(), name.clone()),
+        },
+        (None, None) => (upstreams[0].clone(), name.clone()),
+    };
+    if up.docker_hub && !repo.as_str().contains('/') {
+        let official = RepoName::parse(&format!("library/{}", repo.as_str()))
+            .ok_or_else(|| ApiError::NameInvalid(format!("invalid repository name {:?}", repo.as_str())))?;
+        return Ok((up, official));
+    }
+    Ok((up, repo))
+}
+
+/// [`resolve`], then the upstream's allow/deny rules.
+fn pullable(state: &AppState, name: &RepoName, query: &Query) -> Result<(Arc<Upstream>, RepoName), ApiError> {
+    let (up, repo) = resolve(&state.upstreams, name, query.ns.as_deref())?;
+    up.check_access(&repo).map_err(ApiError::Denied)?;
+    Ok((up, repo))
+}
+
+/// A listing page, with a `Link` to the next page when there is one.
+fn listing_response(
+    json: serde_json::Value,
+    page: &crate::cache::Listing,
+    path: &str,
+    query: &Query,
+    head: bool,
+) -> Response<Body> {
+    let mut r = json_response(StatusCode::OK, Bytes::from(json.to_string()), head);
+    let h = r.headers_mut();
+    h.insert("wharf-source", HeaderValue::from_static(if page.from_cache { "cache" } else { "upstream" }));
+    if let (true, Some(last)) = (page.more, page.names.last()) {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        if let Some(n) = query.n {
+            q.append_pair("n", &n.to_string());
+        }
+        q.append_pair("last", last);
+        if let Some(ns) = &query.ns {
+            q.append_pair("ns", ns);
+        }
+        if let Ok(v) = HeaderValue::from_str(&format!("<{path}?{}>; rel=\"next\"", q.finish())) {
+            h.insert(header::LINK, v);
+        }
+    }
+    r
 }
 
 /// A manifest, negotiated against the client's `Accept` as distribution does: an index the
@@ -345,26 +468,22 @@ fn json_response(status: StatusCode, json: Bytes, head: bool) -> Response<Body> 
     r
 }
 
-/// `/_wharf/history/<name>/tags/<tag>`: `<name>` may start with an upstream's name.
-fn history(state: &AppState, name: &RepoName, tag: &Tag, head: bool) -> Result<Response<Body>, ApiError> {
-    let key = state.repo_key(name);
+/// `/_wharf/history/<name>/tags/<tag>`: `<name>` is resolved as a pull would resolve it.
+fn history(
+    state: &AppState,
+    name: &RepoName,
+    tag: &Tag,
+    query: &Query,
+    head: bool,
+) -> Result<Response<Body>, ApiError> {
+    let (up, repo) = resolve(&state.upstreams, name, query.ns.as_deref())?;
+    let key = RepoKey::new(&up.name, &repo);
     let entries = state.store().history(&key, tag).map_err(|e| ApiError::Internal(e.to_string()))?;
     if entries.is_empty() {
         return Err(ApiError::ManifestUnknown(format!("no history for {}:{tag}", key.as_str())));
     }
     let json = serde_json::json!({ "repository": key.as_str(), "tag": tag.as_str(), "history": entries });
     Ok(json_response(StatusCode::OK, Bytes::from(json.to_string()), head))
-}
-
-/// The cached repository `name` denotes: `<upstream>/<repo>` when it starts with a
-/// configured upstream's name, else a repository of the default upstream.
-pub fn repo_key(upstreams: &[Arc<Upstream>], name: &RepoName) -> RepoKey {
-    if let Some((first, rest)) = name.as_str().split_once('/') {
-        if let (Some(up), Some(rest)) = (upstreams.iter().find(|u| u.name == first), RepoName::parse(rest)) {
-            return RepoKey::new(&up.name, &rest);
-        }
-    }
-    RepoKey::new(&upstreams[0].name, name)
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ pub enum Route {
     Blob { name: RepoName, digest: Digest },
     /// `/v2/<name>/tags/list`
     TagsList { name: RepoName },
+    /// `/v2/_catalog`
+    Catalog,
     /// `/_wharf/history/<name>/tags/<tag>`
     History { name: RepoName, tag: Tag },
     /// `/metrics`
@@ -31,6 +33,7 @@ impl Route {
             Route::Manifest { .. } => "manifest",
             Route::Blob { .. } => "blob",
             Route::TagsList { .. } => "tags",
+            Route::Catalog => "catalog",
             Route::History { .. } => "history",
             Route::Metrics => "metrics",
             Route::Health => "health",
@@ -48,6 +51,7 @@ fn name(segs: &[&str]) -> Result<RepoName, ApiError> {
 pub fn parse(path: &str) -> Result<Route, ApiError> {
     match path {
         "/v2" | "/v2/" => return Ok(Route::Base),
+        "/v2/_catalog" => return Ok(Route::Catalog),
         "/metrics" => return Ok(Route::Metrics),
         "/_wharf/health" => return Ok(Route::Health),
         _ => {}

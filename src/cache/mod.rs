@@ -14,8 +14,7 @@ use flight::Flights;
 
 use crate::metrics::Metrics;
 use crate::oci::{
-    is_index, manifest_media_type, Digest, RepoName, Tag, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX,
-    OCI_MANIFEST,
+    manifest_media_type, Digest, RepoName, Tag, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
 use crate::store::{now_ms, RepoKey, Store, StoreError, StoredManifest};
 use crate::upstream::{Upstream, UpstreamError};
@@ -88,6 +87,34 @@ pub enum BlobSource {
         size: Option<u64>,
         joined: bool,
     },
+}
+
+/// One page of names (`tags/list`, `_catalog`).
+#[derive(Debug, Clone)]
+pub struct Listing {
+    pub names: Vec<String>,
+    pub more: bool,
+    /// Answered from the cache because the upstream could not.
+    pub from_cache: bool,
+}
+
+impl Listing {
+    fn from_upstream(page: &crate::upstream::Page, field: &str) -> Listing {
+        let v: serde_json::Value = serde_json::from_slice(&page.body).unwrap_or_default();
+        let names = v[field]
+            .as_array()
+            .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        Listing { names, more: page.more, from_cache: false }
+    }
+
+    /// `n` names after `last` from a sorted list.
+    fn paginate(sorted: Vec<String>, n: Option<usize>, last: Option<&str>) -> Listing {
+        let start = last.map(|l| sorted.partition_point(|t| t.as_str() <= l)).unwrap_or(0);
+        let rest = &sorted[start.min(sorted.len())..];
+        let take = n.unwrap_or(rest.len()).min(rest.len());
+        Listing { names: rest[..take].to_vec(), more: take < rest.len(), from_cache: true }
+    }
 }
 
 /// What a tag revalidation found.
@@ -332,8 +359,59 @@ impl Cache {
         Ok((up.head_blob(name, d).await?, false))
     }
 
-    /// Whether an index (or list) type is stored; used for Accept negotiation.
-    pub fn is_index(media_type: &str) -> bool {
-        is_index(media_type)
+    /// A page of a repository's tags: the upstream's when it answers, else what the cache
+    /// knows. Returns the names, whether more follow, and whether they came from the cache.
+    pub async fn tags_list(
+        &self,
+        up: &Upstream,
+        name: &RepoName,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<Listing, CacheError> {
+        match up.tags_list(name, n, last).await {
+            Ok(page) => Ok(Listing::from_upstream(&page, "tags")),
+            Err(e) if e.is_transient() => {
+                let key = RepoKey::new(&up.name, name);
+                let tags = self.store.tags(&key)?;
+                if tags.is_empty() {
+                    return Err(e.into());
+                }
+                Ok(Listing::paginate(tags, n, last))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A page of the upstream's catalog, or of the repositories the cache knows when the
+    /// upstream cannot or will not list them (many registries offer no catalog).
+    pub async fn catalog(
+        &self,
+        up: &Upstream,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<Listing, CacheError> {
+        match up.catalog(n, last).await {
+            Ok(page) => Ok(Listing::from_upstream(&page, "repositories")),
+            Err(e) => {
+                tracing::debug!(upstream = %up.name, error = %e, "catalog from cache");
+                Ok(Listing::paginate(self.store.repositories(&up.name)?, n, last))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listings_paginate_after_last() {
+        let all: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let p = Listing::paginate(all.clone(), Some(2), None);
+        assert_eq!((p.names.clone(), p.more), (vec!["a".to_string(), "b".to_string()], true));
+        let p = Listing::paginate(all.clone(), Some(2), Some("b"));
+        assert_eq!((p.names.clone(), p.more), (vec!["c".to_string(), "d".to_string()], false));
+        let p = Listing::paginate(all, None, Some("zz"));
+        assert!(p.names.is_empty() && !p.more);
     }
 }

@@ -108,6 +108,15 @@ impl Index {
         Ok(out)
     }
 
+    /// Keys of the tags tree (`<repo>\t<tag>`) that start with `prefix`.
+    pub fn tag_keys(&self, prefix: &str) -> sled::Result<Vec<String>> {
+        self.tags
+            .scan_prefix(prefix.as_bytes())
+            .keys()
+            .map(|k| k.map(|k| String::from_utf8_lossy(&k).into_owned()))
+            .collect()
+    }
+
     pub fn clear(&self) -> sled::Result<()> {
         self.blobs.clear()?;
         self.tags.clear()?;

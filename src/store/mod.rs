@@ -320,6 +320,29 @@ impl Store {
         Ok(moved)
     }
 
+    /// Tags of `r` the cache knows, sorted.
+    pub fn tags(&self, r: &RepoKey) -> Result<Vec<String>, StoreError> {
+        let prefix = format!("{}\t", r.as_str());
+        let mut tags: Vec<String> =
+            self.index.tag_keys(&prefix)?.into_iter().map(|k| k[prefix.len()..].to_owned()).collect();
+        tags.sort();
+        Ok(tags)
+    }
+
+    /// Repositories of `upstream` with at least one cached tag, sorted, without the prefix.
+    pub fn repositories(&self, upstream: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = format!("{upstream}/");
+        let mut repos: Vec<String> = self
+            .index
+            .tag_keys(&prefix)?
+            .into_iter()
+            .filter_map(|k| k[prefix.len()..].split('\t').next().map(str::to_owned))
+            .collect();
+        repos.sort();
+        repos.dedup();
+        Ok(repos)
+    }
+
     /// Every digest `t` pointed at, newest first.
     pub fn history(&self, r: &RepoKey, t: &Tag) -> Result<Vec<HistoryEntry>, StoreError> {
         let current = self.index.tag(r, t)?.map(|m| m.digest);

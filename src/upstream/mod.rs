@@ -59,6 +59,13 @@ pub struct FetchedManifest {
 pub struct Upstream {
     /// The registry host clients use; also the storage prefix of its repositories.
     pub name: String,
+    /// Other names clients use for it in `?ns=`.
+    aliases: Vec<String>,
+    /// Docker Hub: one-segment names mean `library/<name>`.
+    pub docker_hub: bool,
+    /// Repository filters: deny first, then allow (when any allow pattern is set).
+    deny: Vec<(String, globset::GlobMatcher)>,
+    allow: Vec<(String, globset::GlobMatcher)>,
     base: Url,
     http: reqwest::Client,
     auth: Auth,
@@ -76,19 +83,46 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, ConfigError> {
-        let http = reqwest::Client::builder()
+        let invalid = |e: String| ConfigError::Invalid(format!("upstream {}: {e}", cfg.name));
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("wharf/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(cfg.connect_timeout)
             .read_timeout(cfg.idle_timeout)
+            // Redirects (a CDN for blobs) are followed; reqwest drops Authorization when
+            // one leaves the host, and follows only http(s).
             .redirect(reqwest::redirect::Policy::limited(5))
-            .build()
-            .map_err(|e| ConfigError::Invalid(format!("upstream {}: {e}", cfg.name)))?;
+            .danger_accept_invalid_certs(cfg.insecure && cfg.url.scheme() == "https");
+        if let Some(ca) = &cfg.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| invalid(format!("ca_file {}: {e}", ca.display())))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| invalid(format!("ca_file {}: {e}", ca.display())))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| invalid(e.to_string()))?;
+        let globs = |pats: &[String]| -> Result<Vec<(String, globset::GlobMatcher)>, ConfigError> {
+            pats.iter()
+                .map(|p| {
+                    globset::GlobBuilder::new(p)
+                        .literal_separator(true)
+                        .build()
+                        .map(|g| (p.clone(), g.compile_matcher()))
+                        .map_err(|e| invalid(format!("pattern {p:?}: {e}")))
+                })
+                .collect()
+        };
         let mut base = cfg.url.clone();
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }
         Ok(Upstream {
             name: cfg.name.clone(),
+            aliases: cfg.aliases.clone(),
+            docker_hub: cfg.name == "docker.io"
+                || cfg.url.host_str().is_some_and(|h| h.ends_with(".docker.io")),
+            deny: globs(&cfg.deny)?,
+            allow: globs(&cfg.allow)?,
             base,
             http,
             auth: Auth::new(cfg.username.clone(), cfg.resolved_password()?),
@@ -98,22 +132,40 @@ impl Upstream {
         })
     }
 
+    /// Whether clients address this upstream as `host`.
+    pub fn answers_to(&self, host: &str) -> bool {
+        self.name == host || self.aliases.iter().any(|a| a == host)
+    }
+
+    /// Checks the repository filters; the error names the rule that refused.
+    pub fn check_access(&self, repo: &RepoName) -> Result<(), String> {
+        if let Some((p, _)) = self.deny.iter().find(|(_, g)| g.is_match(repo.as_str())) {
+            return Err(format!("{}/{} is denied by rule deny = {p:?}", self.name, repo));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|(_, g)| g.is_match(repo.as_str())) {
+            return Err(format!("{}/{} matches no allow rule of upstream {}", self.name, repo, self.name));
+        }
+        Ok(())
+    }
+
     fn url(&self, repo: &RepoName, kind: &str, reference: &str) -> Result<Url, UpstreamError> {
         self.base
             .join(&format!("v2/{}/{kind}/{reference}", repo.as_str()))
             .map_err(|e| UpstreamError::Invalid(e.to_string()))
     }
 
-    /// Sends one request for `repo`, authenticating as the upstream asks (once), and maps
-    /// failures. Returns only 2xx responses.
+    /// Sends one request, authenticating as the upstream asks (once), and maps failures.
+    /// Tokens are kept per `key` (a repository); `scope` is asked for when the challenge
+    /// names none. Returns only 2xx responses.
     async fn send(
         &self,
         method: Method,
         url: Url,
-        repo: &RepoName,
+        key: &str,
+        scope_default: &str,
         accept: Option<&str>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let mut cred = self.auth.credential_for(repo.as_str());
+        let mut cred = self.auth.credential_for(key);
         for attempt in 0..2 {
             let mut req = self.http.request(method.clone(), url.clone());
             if let Some(a) = accept {
@@ -123,7 +175,7 @@ impl Upstream {
             let resp = self.timed(method.as_str(), req).await?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
-                self.auth.forget(repo.as_str());
+                self.auth.forget(key);
                 let challenge = resp
                     .headers()
                     .get(header::WWW_AUTHENTICATE)
@@ -131,8 +183,8 @@ impl Upstream {
                     .and_then(parse_challenge);
                 cred = match challenge {
                     Some(Challenge::Bearer { realm, service, scope }) => {
-                        let scope = scope.unwrap_or_else(|| format!("repository:{}:pull", repo.as_str()));
-                        Some(self.fetch_token(repo, &realm, service.as_deref(), &scope).await?)
+                        let scope = scope.unwrap_or_else(|| scope_default.to_owned());
+                        Some(self.fetch_token(key, &realm, service.as_deref(), &scope).await?)
                     }
                     Some(Challenge::Basic) => self.auth.use_basic(),
                     None => None,
@@ -221,7 +273,7 @@ impl Upstream {
     /// Gets a Bearer token for `scope` from the realm the upstream named.
     async fn fetch_token(
         &self,
-        repo: &RepoName,
+        key: &str,
         realm: &str,
         service: Option<&str>,
         scope: &str,
@@ -255,7 +307,7 @@ impl Upstream {
         let t: TokenResponse =
             resp.json().await.map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
         self.auth
-            .store_token(repo.as_str(), t)
+            .store_token(key, t)
             .ok_or_else(|| UpstreamError::Invalid("token response has no token".into()))
     }
 
@@ -266,7 +318,8 @@ impl Upstream {
         reference: &str,
     ) -> Result<ManifestHead, UpstreamError> {
         let url = self.url(repo, "manifests", reference)?;
-        let resp = self.send(Method::HEAD, url, repo, Some(MANIFEST_ACCEPT)).await?;
+        let resp =
+            self.send(Method::HEAD, url, repo.as_str(), &pull_scope(repo), Some(MANIFEST_ACCEPT)).await?;
         let digest =
             resp.headers().get("docker-content-digest").and_then(|h| h.to_str().ok()).and_then(Digest::parse);
         Ok(ManifestHead { digest })
@@ -279,7 +332,8 @@ impl Upstream {
         reference: &str,
     ) -> Result<FetchedManifest, UpstreamError> {
         let url = self.url(repo, "manifests", reference)?;
-        let resp = self.send(Method::GET, url, repo, Some(MANIFEST_ACCEPT)).await?;
+        let resp =
+            self.send(Method::GET, url, repo.as_str(), &pull_scope(repo), Some(MANIFEST_ACCEPT)).await?;
         if resp.content_length().is_some_and(|l| l > MAX_MANIFEST_BYTES as u64) {
             return Err(UpstreamError::TooLarge);
         }
@@ -305,13 +359,13 @@ impl Upstream {
     /// GETs a blob; the caller streams the body.
     pub async fn get_blob(&self, repo: &RepoName, d: &Digest) -> Result<reqwest::Response, UpstreamError> {
         let url = self.url(repo, "blobs", &d.to_string())?;
-        self.send(Method::GET, url, repo, None).await
+        self.send(Method::GET, url, repo.as_str(), &pull_scope(repo), None).await
     }
 
     /// HEADs a blob: its size, when the upstream says.
     pub async fn head_blob(&self, repo: &RepoName, d: &Digest) -> Result<Option<u64>, UpstreamError> {
         let url = self.url(repo, "blobs", &d.to_string())?;
-        let resp = self.send(Method::HEAD, url, repo, None).await?;
+        let resp = self.send(Method::HEAD, url, repo.as_str(), &pull_scope(repo), None).await?;
         Ok(resp
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -334,4 +388,72 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+fn pull_scope(repo: &RepoName) -> String {
+    format!("repository:{}:pull", repo.as_str())
+}
+
+/// One page of a listing (`tags/list`, `_catalog`): the JSON body and whether the upstream
+/// says there is more (a `Link: <…>; rel="next"` header).
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub body: Bytes,
+    pub more: bool,
+}
+
+impl Upstream {
+    /// `GET /v2/<repo>/tags/list?n=&last=`.
+    pub async fn tags_list(
+        &self,
+        repo: &RepoName,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<Page, UpstreamError> {
+        let url = self.listing_url(&format!("v2/{}/tags/list", repo.as_str()), n, last)?;
+        self.page(url, repo.as_str(), &pull_scope(repo)).await
+    }
+
+    /// `GET /v2/_catalog?n=&last=`.
+    pub async fn catalog(&self, n: Option<usize>, last: Option<&str>) -> Result<Page, UpstreamError> {
+        let url = self.listing_url("v2/_catalog", n, last)?;
+        self.page(url, "_catalog", "registry:catalog:*").await
+    }
+
+    fn listing_url(&self, path: &str, n: Option<usize>, last: Option<&str>) -> Result<Url, UpstreamError> {
+        let mut url = self.base.join(path).map_err(|e| UpstreamError::Invalid(e.to_string()))?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(n) = n {
+                q.append_pair("n", &n.to_string());
+            }
+            if let Some(l) = last {
+                q.append_pair("last", l);
+            }
+        }
+        if url.query() == Some("") {
+            url.set_query(None);
+        }
+        Ok(url)
+    }
+
+    async fn page(&self, url: Url, key: &str, scope: &str) -> Result<Page, UpstreamError> {
+        let resp = self.send(Method::GET, url, key, scope, Some("application/json")).await?;
+        let more = resp
+            .headers()
+            .get(header::LINK)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|l| l.contains("rel=\"next\""));
+        let mut body = BytesMut::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk
+                .map_err(|e| UpstreamError::Unavailable(format!("listing body: {}", error_chain(&e))))?;
+            if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
+                return Err(UpstreamError::Invalid("listing larger than 4 MiB".into()));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Page { body: body.freeze(), more })
+    }
 }

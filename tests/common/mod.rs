@@ -225,7 +225,7 @@ impl Wharf {
         let config = dir.path().join("wharf.toml");
         std::fs::write(
             &config,
-            format!("shutdown_grace = \"5s\"\n[[upstreams]]\nname = \"registry.test\"\nurl = \"{upstream}\"\n{upstream_extra}\n"),
+            format!("shutdown_grace = \"5s\"\n[[upstreams]]\nname = \"registry.test\"\nurl = \"{upstream}\"\ninsecure = true\n{upstream_extra}\n"),
         )
         .expect("write config");
         let data = dir.path().join("data");
