@@ -31,7 +31,7 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let route = route::parse(req.uri().path());
     let label = route.as_ref().map(Route::label).unwrap_or("other");
-    let span = tracing::info_span!("request", method = %method, route = label, path = %req.uri().path());
+    let span = tracing::info_span!("request", method = %method, route = label, uri = %req.uri());
     let head = method == Method::HEAD;
     let resp = async {
         if method != Method::GET && method != Method::HEAD {
@@ -48,6 +48,7 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Response<Body> {
     let m = &state.metrics;
     m.http_requests.with_label_values(&[method.as_str(), label, resp.status().as_str()]).inc();
     m.http_duration.with_label_values(&[label]).observe(start.elapsed().as_secs_f64());
+    span.in_scope(|| tracing::debug!(status = resp.status().as_u16(), "answered"));
     resp
 }
 

@@ -99,13 +99,24 @@ pub struct Listing {
 }
 
 impl Listing {
-    fn from_upstream(page: &crate::upstream::Page, field: &str) -> Listing {
+    /// An upstream's page. A complete answer (no next page) is sorted and paginated here, as
+    /// some registries (distribution 2.8 for tags) ignore `n` and do not sort.
+    fn from_upstream(
+        page: &crate::upstream::Page,
+        field: &str,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Listing {
         let v: serde_json::Value = serde_json::from_slice(&page.body).unwrap_or_default();
-        let names = v[field]
+        let mut names: Vec<String> = v[field]
             .as_array()
             .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
             .unwrap_or_default();
-        Listing { names, more: page.more, from_cache: false }
+        if page.more {
+            return Listing { names, more: true, from_cache: false };
+        }
+        names.sort();
+        Listing { from_cache: false, ..Listing::paginate(names, n, last) }
     }
 
     /// `n` names after `last` from a sorted list.
@@ -369,7 +380,7 @@ impl Cache {
         last: Option<&str>,
     ) -> Result<Listing, CacheError> {
         match up.tags_list(name, n, last).await {
-            Ok(page) => Ok(Listing::from_upstream(&page, "tags")),
+            Ok(page) => Ok(Listing::from_upstream(&page, "tags", n, last)),
             Err(e) if e.is_transient() => {
                 let key = RepoKey::new(&up.name, name);
                 let tags = self.store.tags(&key)?;
@@ -391,7 +402,7 @@ impl Cache {
         last: Option<&str>,
     ) -> Result<Listing, CacheError> {
         match up.catalog(n, last).await {
-            Ok(page) => Ok(Listing::from_upstream(&page, "repositories")),
+            Ok(page) => Ok(Listing::from_upstream(&page, "repositories", n, last)),
             Err(e) => {
                 tracing::debug!(upstream = %up.name, error = %e, "catalog from cache");
                 Ok(Listing::paginate(self.store.repositories(&up.name)?, n, last))

@@ -221,13 +221,16 @@ impl Wharf {
     /// Starts wharf with one upstream named `registry.test` at `upstream` and extra TOML
     /// lines for that upstream (e.g. `response_timeout = "1s"`).
     pub fn start(upstream: &str, upstream_extra: &str) -> Wharf {
+        Wharf::with_config(&format!(
+            "[[upstreams]]\nname = \"registry.test\"\nurl = \"{upstream}\"\ninsecure = true\n{upstream_extra}\n"
+        ))
+    }
+
+    /// Starts wharf with this configuration (listen address and data dir are set here).
+    pub fn with_config(toml: &str) -> Wharf {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("wharf.toml");
-        std::fs::write(
-            &config,
-            format!("shutdown_grace = \"5s\"\n[[upstreams]]\nname = \"registry.test\"\nurl = \"{upstream}\"\ninsecure = true\n{upstream_extra}\n"),
-        )
-        .expect("write config");
+        std::fs::write(&config, format!("shutdown_grace = \"5s\"\n{toml}")).expect("write config");
         let data = dir.path().join("data");
         let log = dir.path().join("wharf.log");
         let mut w =
