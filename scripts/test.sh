@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs the Debian packages the tests
-# drive (a real upstream registry and a real client) when they are missing, then runs
-# `cargo test`. Extra arguments go to cargo test.
+# drive when they are missing (a real upstream registry, and real clients: skopeo,
+# containerd's ctr, the docker daemon), then runs `cargo test`. Extra arguments go to
+# cargo test. The client tests start private daemons, so they need root.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -9,6 +10,9 @@ need=()
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v curl >/dev/null || need+=(curl)
+command -v containerd >/dev/null || need+=(containerd)
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v runc >/dev/null || need+=(runc)
 if ((${#need[@]})); then
   sudo=""
   [[ $(id -u) -eq 0 ]] || sudo=sudo
