@@ -10,8 +10,9 @@
 //!   derived from it, with per-tag history.
 //! - [`upstream`]: one HTTP client per configured registry, with auth and timeouts.
 //!
-//! Around them: [`config`] (layered configuration), [`server`] (accept loop and graceful
-//! shutdown), [`metrics`] (every metric, defined once), [`oci`] (the grammar's newtypes).
+//! Around them: [`config`] (layered configuration), [`server`] (accept loop, TLS with
+//! certificate reload, graceful shutdown), [`metrics`] (every metric, defined once), [`oci`]
+//! (the grammar's newtypes). [`api::resolve`] is where a request finds its upstream.
 
 pub mod api;
 pub mod cache;

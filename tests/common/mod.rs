@@ -46,8 +46,9 @@ fn free_port() -> u16 {
 }
 
 fn http_ok(url: &str) -> bool {
+    // -k: readiness only; certificate checks are the TLS tests' business.
     let Ok(out) =
-        Command::new("curl").args(["-s", "-o", "/dev/null", "-m", "2", "-w", "%{http_code}", url]).output()
+        Command::new("curl").args(["-sk", "-o", "/dev/null", "-m", "2", "-w", "%{http_code}", url]).output()
     else {
         return false;
     };
@@ -206,6 +207,8 @@ pub fn pull(src: &str, out: &Path) -> Result<String, String> {
 /// The real `wharf` binary, serving on a loopback port it chose itself.
 pub struct Wharf {
     child: Option<Child>,
+    /// `https` when the configuration has a `[tls]` table.
+    pub scheme: &'static str,
     pub addr: SocketAddr,
     pub data: PathBuf,
     pub config: PathBuf,
@@ -233,8 +236,16 @@ impl Wharf {
         std::fs::write(&config, format!("shutdown_grace = \"5s\"\n{toml}")).expect("write config");
         let data = dir.path().join("data");
         let log = dir.path().join("wharf.log");
-        let mut w =
-            Wharf { child: None, addr: SocketAddr::from(([127, 0, 0, 1], 0)), data, config, log, dir };
+        let scheme = if toml.contains("[tls]") { "https" } else { "http" };
+        let mut w = Wharf {
+            child: None,
+            scheme,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data,
+            config,
+            log,
+            dir,
+        };
         w.launch();
         w
     }
@@ -261,11 +272,16 @@ impl Wharf {
             v["addr"].as_str()?.parse::<SocketAddr>().ok()
         });
         self.addr = addr;
-        wait_for(20, "wharf /v2/", || http_ok(&format!("http://{addr}/v2/")).then_some(()));
+        let scheme = self.scheme;
+        wait_for(20, "wharf /v2/", || http_ok(&format!("{scheme}://{addr}/v2/")).then_some(()));
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("wharf is running").id()
     }
 
     /// `host:port` for image references.
@@ -309,8 +325,16 @@ impl Wharf {
 
     /// Sum of every series of `name` whose labels include all of `labels`.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let text =
-            reqwest::get(self.url("/metrics")).await.expect("metrics").text().await.expect("metrics text");
+        // Certificates are the TLS tests' business; metrics are read whatever they are.
+        let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build().expect("client");
+        let text = client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
         metric_sum(&text, name, labels)
     }
 }

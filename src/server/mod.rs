@@ -13,12 +13,26 @@ use tokio::net::TcpListener;
 
 use crate::{api, AppState};
 
-/// Serves `listener` until `shutdown` resolves.
+pub mod tls;
+
+/// Longest a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `listener` until `shutdown` resolves: HTTPS when the configuration names a
+/// certificate, plain HTTP otherwise.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let tls = match &state.config.tls {
+        Some(cfg) => {
+            let certs = tls::Certificates::load(cfg).map_err(std::io::Error::other)?;
+            let acceptor = certs.acceptor().map_err(std::io::Error::other)?;
+            Some((acceptor, tokio::spawn(certs.watch())))
+        }
+        None => None,
+    };
     let graceful = GracefulShutdown::new();
     let flusher = tokio::spawn(flush_access_periodically(state.clone()));
     let builder = auto::Builder::new(TokioExecutor::new());
@@ -37,21 +51,26 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let st = state.clone();
-        let svc = service_fn(move |req| {
-            let st = st.clone();
-            async move { Ok::<_, Infallible>(api::handle(st, req).await) }
-        });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-        let conn = graceful.watch(conn);
+        let (state, builder, watcher) = (state.clone(), builder.clone(), graceful.watcher());
+        let acceptor = tls.as_ref().map(|(a, _)| a.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            match acceptor {
+                None => serve_connection(&builder, TokioIo::new(stream), state, watcher, peer).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_connection(&builder, TokioIo::new(s), state, watcher, peer).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
         });
     }
     drop(listener);
     flusher.abort();
+    if let Some((_, watch)) = tls {
+        watch.abort();
+    }
     let grace = state.config.shutdown_grace;
     tracing::info!(?grace, "shutting down: waiting for in-flight requests");
     tokio::select! {
@@ -62,6 +81,25 @@ pub async fn serve(
         tracing::error!(error = %e, "index flush failed");
     }
     Ok(())
+}
+
+/// HTTP/1.1 or HTTP/2 (by ALPN, or the h2c preface) on one connection.
+async fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    state: AppState,
+    watcher: hyper_util::server::graceful::Watcher,
+    peer: std::net::SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let st = state.clone();
+        async move { Ok::<_, Infallible>(api::handle(st, req).await) }
+    });
+    if let Err(e) = watcher.watch(builder.serve_connection(io, svc)).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }
 
 /// Writes batched last-access times to the index now and then.
