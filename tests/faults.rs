@@ -476,3 +476,20 @@ async fn basic_auth_uses_the_password_file_and_never_logs_it() {
     let log = w.log();
     assert!(!log.contains("secret") && !log.contains("dXNlcjpzZWNyZXQ"), "credentials never logged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_to_other_schemes_are_not_followed() {
+    let fake = Fake::start().await;
+    let w = Wharf::start(&fake.url(), "");
+    for (i, to) in
+        ["file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1:70/x"].into_iter().enumerate()
+    {
+        let d = fake.blob(noise(&format!("ssrf-{i}"), 100));
+        fake.set_blob_mode(&d, BlobMode::RedirectTo(to.to_owned()));
+        let r = client().get(w.url(&format!("/v2/app/blobs/{d}"))).send().await.expect("response");
+        assert!(r.status().is_server_error(), "{to}: {}", r.status());
+        let body = r.text().await.expect("body");
+        assert!(body.contains("\"errors\"") && !body.contains("root:"), "{to}: {body}");
+        assert!(!blob_file(&w, &d).exists());
+    }
+}

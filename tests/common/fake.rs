@@ -47,6 +47,8 @@ pub enum BlobMode {
     WrongGatedAfter(Vec<u8>, usize),
     /// 307 to the same server under the host name `localhost` (another host to a client).
     RedirectToLocalhost,
+    /// 307 to this location.
+    RedirectTo(String),
 }
 
 /// One request the fake saw.
@@ -327,6 +329,7 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
                     &[("location", format!("http://localhost:{}/cdn/{reference}", addr.port()))],
                     vec![],
                 ),
+                BlobMode::RedirectTo(to) => full(307, &[("location", to)], vec![]),
                 BlobMode::WrongGatedAfter(..) => unreachable!("mapped to GatedAfter above"),
                 BlobMode::CutAfter(k) | BlobMode::GatedAfter(k) => {
                     let (tx, rx) = mpsc::channel(4);
