@@ -41,6 +41,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pull analytics: top images, tags and platforms, pulls per day, cache hit ratio.
+    Stats {
+        /// Length of the top lists.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// First day counted, YYYY-MM-DD (UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rebuild the index from the storage tree (the server must be stopped).
     Reindex,
 }

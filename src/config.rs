@@ -14,7 +14,8 @@ use url::Url;
 use crate::oci::valid_component;
 
 /// Top-level keys, the only ones taken from `WHARF_…` environment variables.
-const CONFIG_KEYS: &[&str] = &["listen", "data_dir", "shutdown_grace", "upstreams", "tls"];
+const CONFIG_KEYS: &[&str] =
+    &["listen", "data_dir", "shutdown_grace", "upstreams", "tls", "analytics", "metrics"];
 
 /// Everything wharf reads at start-up.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -32,6 +33,34 @@ pub struct Config {
     /// Serve HTTPS with this certificate (plain HTTP when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub analytics: AnalyticsConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Pull analytics.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalyticsConfig {
+    /// Cap on `wharf_pulls_total` repository × tag × platform series; pulls of further
+    /// series are counted as repository="other", tag="other".
+    pub max_series: usize,
+}
+
+impl Default for AnalyticsConfig {
+    fn default() -> Self {
+        AnalyticsConfig { max_series: 10_000 }
+    }
+}
+
+/// Where `/metrics` is served besides the main port.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A separate address for `/metrics` and `/_wharf/health` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
 }
 
 /// The server certificate, reloaded on SIGHUP or when the files change.
@@ -120,6 +149,8 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             upstreams: vec![UpstreamConfig::new("docker.io", docker_hub())],
             tls: None,
+            analytics: AnalyticsConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -9,11 +9,14 @@
 //! - [`store`]: the storage tree in distribution's layout (the truth) and the sled index
 //!   derived from it, with per-tag history.
 //! - [`upstream`]: one HTTP client per configured registry, with auth and timeouts.
+//! - [`analytics`]: the one place requests are accounted: pulls by tag and platform,
+//!   bounded label cardinality, per-day counts kept in the index.
 //!
 //! Around them: [`config`] (layered configuration), [`server`] (accept loop, TLS with
 //! certificate reload, graceful shutdown), [`metrics`] (every metric, defined once), [`oci`]
 //! (the grammar's newtypes). [`api::resolve`] is where a request finds its upstream.
 
+pub mod analytics;
 pub mod api;
 pub mod cache;
 pub mod cli;
@@ -26,7 +29,7 @@ pub mod upstream;
 
 use std::sync::Arc;
 
-pub use server::serve;
+pub use server::{serve, serve_with_admin};
 
 use cache::Cache;
 use config::{Config, ConfigError};
@@ -53,6 +56,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Configured upstreams; the first is the default.
     pub upstreams: Arc<Vec<Arc<Upstream>>>,
+    /// Per-request accounting and pull analytics.
+    pub analytics: Arc<analytics::Analytics>,
 }
 
 impl AppState {
@@ -66,7 +71,10 @@ impl AppState {
             .iter()
             .map(|u| Upstream::new(u, metrics.clone()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        let analytics =
+            Arc::new(analytics::Analytics::new(metrics.clone(), store.clone(), config.analytics.max_series));
         Ok(AppState {
+            analytics,
             cache: Arc::new(Cache::new(store, metrics.clone())),
             config: Arc::new(config),
             metrics,

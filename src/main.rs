@@ -39,6 +39,7 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Serve { .. } => rt.block_on(serve(config)),
         Command::History { image, json } => rt.block_on(history(config, &image, json)),
+        Command::Stats { top, since, json } => rt.block_on(stats(config, top, since.as_deref(), json)),
         Command::Reindex => reindex(&config),
     };
     match res {
@@ -57,13 +58,18 @@ async fn serve(config: Config) -> Res {
     let state = AppState::open(config)?;
     let listener = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
+    let admin = match state.config.metrics.listen {
+        Some(l) => Some(
+            TcpListener::bind(l).await.map_err(|e| format!("cannot listen on {l} (metrics.listen): {e}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = admin.as_ref().and_then(|a| a.local_addr().ok()).map(|a| a.to_string());
     let info_path = state.config.data_dir.join("wharf/server.json");
-    std::fs::write(
-        &info_path,
-        serde_json::json!({ "addr": addr.to_string(), "pid": std::process::id() }).to_string(),
-    )?;
+    let info = serde_json::json!({ "addr": addr.to_string(), "metrics_addr": metrics_addr, "pid": std::process::id() });
+    std::fs::write(&info_path, info.to_string())?;
     tracing::info!(%addr, data_dir = %state.config.data_dir.display(), upstream = %state.config.upstreams[0].url, "wharf listening");
-    let res = wharf::serve(listener, state, shutdown_signal()).await;
+    let res = wharf::serve_with_admin(listener, admin, state, shutdown_signal()).await;
     let _ = std::fs::remove_file(&info_path);
     Ok(res?)
 }
@@ -83,29 +89,82 @@ async fn shutdown_signal() {
     }
 }
 
+/// GETs `path` from the server that holds the data dir (its address is in server.json).
+async fn ask_server(config: &Config, path: &str) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(config.data_dir.join("wharf/server.json"))?)?;
+    let mut addr: SocketAddr = info["addr"].as_str().ok_or("server.json has no addr")?.parse()?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    // The server is on this machine and named in our own data dir; its certificate may be
+    // for another name than the address we reach it by.
+    let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build()?;
+    let resp = client.get(format!("{scheme}://{addr}{path}")).send().await?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await?;
+    if !status.is_success() {
+        return Err(body["errors"][0]["message"].as_str().unwrap_or("request failed").into());
+    }
+    Ok(body)
+}
+
+/// `wharf stats`: asks the running server when one holds the data dir, else reads it.
+async fn stats(config: Config, top: usize, since: Option<&str>, json: bool) -> Res {
+    if let Some(s) = since {
+        if s.len() != 10 || humantime::parse_rfc3339(&format!("{s}T00:00:00Z")).is_err() {
+            return Err(format!("--since {s:?}: expected a date YYYY-MM-DD").into());
+        }
+    }
+    let value = if store::is_locked(&config.data_dir) {
+        let since_q = since.map(|s| format!("&since={s}")).unwrap_or_default();
+        ask_server(&config, &format!("/_wharf/stats?top={top}{since_q}")).await?
+    } else {
+        let state = AppState::open(config)?;
+        serde_json::to_value(wharf::analytics::report(state.store(), top, since)?)?
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let mb = |v: &serde_json::Value| n(v) as f64 / 1e6;
+    println!("pulls: {}{}", n(&value["pulls"]), since.map(|s| format!(" (since {s})")).unwrap_or_default());
+    match value["cache_hit_ratio"].as_f64() {
+        Some(r) => println!("cache hit ratio: {:.1}%", r * 100.0),
+        None => println!("cache hit ratio: -"),
+    }
+    println!(
+        "bytes from cache: {:.1} MB, from upstream: {:.1} MB, saved: {:.1} MB",
+        mb(&value["bytes_from_cache"]),
+        mb(&value["bytes_from_upstream"]),
+        mb(&value["bytes_saved"])
+    );
+    for (title, key) in [("TOP IMAGES", "top_images"), ("TOP TAGS", "top_tags"), ("PLATFORMS", "platforms")] {
+        println!("\n{title:<64} {:>8}", "PULLS");
+        for row in value[key].as_array().into_iter().flatten() {
+            println!("{:<64} {:>8}", row["name"].as_str().unwrap_or_default(), n(&row["pulls"]));
+        }
+    }
+    println!("\n{:<64} {:>8}", "PULLS PER DAY", "PULLS");
+    for (day, count) in value["pulls_per_day"].as_object().into_iter().flatten() {
+        println!("{day:<64} {:>8}", n(count));
+    }
+    Ok(())
+}
+
 /// `wharf history`: asks the running server when one holds the data dir, else reads it.
 async fn history(config: Config, image: &str, json: bool) -> Res {
     let (name, tag) = image.rsplit_once(':').ok_or("expected NAME:TAG")?;
     let name = RepoName::parse(name).ok_or_else(|| format!("invalid repository name {name:?}"))?;
     let tag = Tag::parse(tag).ok_or_else(|| format!("invalid tag {tag:?}"))?;
     let value: serde_json::Value = if store::is_locked(&config.data_dir) {
-        let info: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(config.data_dir.join("wharf/server.json"))?)?;
-        let mut addr: SocketAddr = info["addr"].as_str().ok_or("server.json has no addr")?.parse()?;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        let url = format!("http://{addr}/_wharf/history/{}/tags/{}", name.as_str(), tag.as_str());
-        let resp = reqwest::get(&url).await?;
-        let status = resp.status();
-        let body: serde_json::Value = resp.json().await?;
-        if !status.is_success() {
-            return Err(body["errors"][0]["message"].as_str().unwrap_or("request failed").into());
-        }
-        body
+        ask_server(&config, &format!("/_wharf/history/{}/tags/{}", name.as_str(), tag.as_str())).await?
     } else {
         let state = AppState::open(config)?;
         let key = state.repo_key(&name).map_err(|e| e.to_string())?;
+        state.analytics.flush()?;
         let entries = state.store().history(&key, &tag)?;
         if entries.is_empty() {
             return Err(format!("no history for {}:{tag}", key.as_str()).into());

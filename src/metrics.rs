@@ -1,5 +1,6 @@
 //! Every metric wharf exports, defined in one place. Names carry the `wharf_` prefix and base
-//! units; label values are bounded sets (never a digest, a client address or a free string).
+//! units; label values are bounded sets (never a digest, a client address or a free string;
+//! repository and tag values are capped by the analytics module).
 
 use prometheus::{
     exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
@@ -9,10 +10,18 @@ use prometheus::{
 /// Handles to all metrics of one server (no globals: two servers can share a process).
 pub struct Metrics {
     registry: Registry,
+    /// Every metric family name registered, for checks (dashboards, docs).
+    names: Vec<&'static str>,
     /// Requests answered, by method, route and status.
     pub http_requests: IntCounterVec,
     /// Time to response headers, by route.
     pub http_duration: HistogramVec,
+    /// Pulls (manifest GETs of an image, not an index) by repository, tag and platform.
+    pub pulls: IntCounterVec,
+    /// Pulls whose series went past `analytics.max_series` and were counted as `other`.
+    pub pulls_folded: IntCounter,
+    /// GETs of buildx attestation manifests (not pulls).
+    pub attestation_fetches: IntCounterVec,
     /// Manifest requests by result: hit, revalidated, refreshed, stale, miss, error.
     pub manifest_requests: IntCounterVec,
     /// Blob requests by result: hit, miss, joined, error.
@@ -23,7 +32,7 @@ pub struct Metrics {
     pub upstream_requests: IntCounterVec,
     /// Time to upstream response headers.
     pub upstream_duration: HistogramVec,
-    /// Upstream failures by kind: connect, timeout, status, body, auth.
+    /// Upstream failures by kind: connect, timeout, request, status, auth.
     pub upstream_errors: IntCounterVec,
     /// Body bytes received from upstreams.
     pub upstream_bytes: IntCounterVec,
@@ -35,115 +44,146 @@ pub struct Metrics {
     pub coalesced: IntCounter,
     /// Blob downloads from upstreams in progress.
     pub inflight_downloads: IntGauge,
-    /// Client errors answered, by OCI error code.
+    /// Bytes and number of blobs (manifests included) in the cache, set when scraped.
+    pub cache_bytes: IntGauge,
+    pub cache_blobs: IntGauge,
+    /// Error responses, by OCI error code.
     pub errors: IntCounterVec,
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
-    r.register(Box::new(c.clone())).expect("metric registered once");
-    c
+/// Registers metrics and remembers their names.
+struct Reg {
+    r: Registry,
+    names: Vec<&'static str>,
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-    let buckets = exponential_buckets(0.0005, 2.5, 14).expect("bucket definition is valid");
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
-        .expect("metric definition is valid");
-    r.register(Box::new(h.clone())).expect("metric registered once");
-    h
+impl Reg {
+    fn add<M: prometheus::core::Collector + Clone + 'static>(&mut self, name: &'static str, m: M) -> M {
+        self.r.register(Box::new(m.clone())).expect("metric registered once");
+        self.names.push(name);
+        m
+    }
+
+    fn counter_vec(&mut self, name: &'static str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(name, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    fn counter(&mut self, name: &'static str, help: &str) -> IntCounter {
+        self.add(name, IntCounter::new(name, help).expect("valid metric"))
+    }
+
+    fn gauge(&mut self, name: &'static str, help: &str) -> IntGauge {
+        self.add(name, IntGauge::new(name, help).expect("valid metric"))
+    }
+
+    fn histogram(&mut self, name: &'static str, help: &str, labels: &[&str]) -> HistogramVec {
+        let buckets = exponential_buckets(0.0005, 2.5, 14).expect("valid buckets");
+        self.add(
+            name,
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric"),
+        )
+    }
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let r = Registry::new();
-        let coalesced = IntCounter::new(
-            "wharf_coalesced_requests_total",
-            "Requests that joined an upstream fetch or revalidation in flight",
-        )
-        .expect("metric definition is valid");
-        r.register(Box::new(coalesced.clone())).expect("metric registered once");
-        let inflight = IntGauge::new("wharf_inflight_downloads", "Blob downloads from upstreams in progress")
-            .expect("metric definition is valid");
-        r.register(Box::new(inflight.clone())).expect("metric registered once");
-        let build = IntGauge::with_opts(
-            Opts::new("wharf_build_info", "Build information")
-                .const_label("version", env!("CARGO_PKG_VERSION")),
-        )
-        .expect("metric definition is valid");
+        let mut r = Reg { r: Registry::new(), names: Vec::new() };
+        let build = r.add(
+            "wharf_build_info",
+            IntGauge::with_opts(
+                Opts::new("wharf_build_info", "Build information")
+                    .const_label("version", env!("CARGO_PKG_VERSION")),
+            )
+            .expect("valid metric"),
+        );
         build.set(1);
-        r.register(Box::new(build)).expect("metric registered once");
         Metrics {
-            http_requests: counter(
-                &r,
+            http_requests: r.counter_vec(
                 "wharf_http_requests_total",
                 "HTTP requests answered",
                 &["method", "route", "status"],
             ),
-            http_duration: histogram(
-                &r,
+            http_duration: r.histogram(
                 "wharf_http_request_duration_seconds",
                 "Time to response headers",
                 &["route"],
             ),
-            manifest_requests: counter(
-                &r,
+            pulls: r.counter_vec(
+                "wharf_pulls_total",
+                "Image pulls by repository, tag and platform",
+                &["upstream", "repository", "tag", "platform"],
+            ),
+            pulls_folded: r.counter(
+                "wharf_pulls_folded_total",
+                "Pulls counted as repository=\"other\" because of analytics.max_series",
+            ),
+            attestation_fetches: r.counter_vec(
+                "wharf_attestation_fetches_total",
+                "GETs of attestation manifests (not pulls)",
+                &["upstream"],
+            ),
+            manifest_requests: r.counter_vec(
                 "wharf_manifest_requests_total",
                 "Manifest requests by result",
                 &["upstream", "method", "result"],
             ),
-            blob_requests: counter(
-                &r,
+            blob_requests: r.counter_vec(
                 "wharf_blob_requests_total",
                 "Blob requests by result",
                 &["upstream", "result"],
             ),
-            blob_bytes_served: counter(
-                &r,
+            blob_bytes_served: r.counter_vec(
                 "wharf_blob_bytes_served_total",
                 "Blob bytes sent to clients",
                 &["source"],
             ),
-            upstream_requests: counter(
-                &r,
+            upstream_requests: r.counter_vec(
                 "wharf_upstream_requests_total",
                 "Requests sent upstream",
                 &["upstream", "method", "status"],
             ),
-            upstream_duration: histogram(
-                &r,
+            upstream_duration: r.histogram(
                 "wharf_upstream_request_duration_seconds",
                 "Time to upstream response headers",
                 &["upstream"],
             ),
-            upstream_errors: counter(
-                &r,
+            upstream_errors: r.counter_vec(
                 "wharf_upstream_errors_total",
                 "Upstream failures",
                 &["upstream", "kind"],
             ),
-            upstream_bytes: counter(
-                &r,
+            upstream_bytes: r.counter_vec(
                 "wharf_upstream_bytes_total",
                 "Body bytes received from upstreams",
                 &["upstream"],
             ),
-            stale_served: counter(
-                &r,
+            stale_served: r.counter_vec(
                 "wharf_stale_served_total",
                 "Tags served from cache while the upstream could not answer",
                 &["upstream"],
             ),
-            digest_mismatch: counter(
-                &r,
+            digest_mismatch: r.counter_vec(
                 "wharf_digest_mismatch_total",
                 "Upstream content that did not match its digest",
                 &["upstream"],
             ),
-            errors: counter(&r, "wharf_errors_total", "Error responses by OCI error code", &["code"]),
-            coalesced,
-            inflight_downloads: inflight,
-            registry: r,
+            coalesced: r.counter(
+                "wharf_coalesced_requests_total",
+                "Requests that joined an upstream fetch or revalidation in flight",
+            ),
+            inflight_downloads: r
+                .gauge("wharf_inflight_downloads", "Blob downloads from upstreams in progress"),
+            cache_bytes: r.gauge("wharf_cache_bytes", "Bytes of blobs and manifests in the cache"),
+            cache_blobs: r.gauge("wharf_cache_blobs", "Blobs and manifests in the cache"),
+            errors: r.counter_vec("wharf_errors_total", "Error responses by OCI error code", &["code"]),
+            registry: r.r,
+            names: r.names,
         }
+    }
+
+    /// The names of every metric family this server exports.
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
     }
 
     /// The Prometheus text exposition of every metric.

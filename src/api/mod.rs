@@ -4,6 +4,7 @@ mod body;
 mod error;
 mod route;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,6 +17,7 @@ pub use body::Body;
 pub use error::ApiError;
 pub use route::{parse as parse_route, Route};
 
+use crate::analytics::ManifestServed;
 use crate::cache::{read_at, BlobSource, ServedManifest};
 use crate::oci::{default_platform_child, is_index, Digest, Reference, RepoName, Tag, OCI_MANIFEST};
 use crate::store::RepoKey;
@@ -26,7 +28,7 @@ use crate::AppState;
 const FILE_CHUNK: usize = 256 * 1024;
 
 /// Answers one request. Never fails: errors become OCI error responses.
-pub async fn handle(state: AppState, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(state: AppState, req: Request<Incoming>, client: IpAddr) -> Response<Body> {
     let start = Instant::now();
     let method = req.method().clone();
     let route = route::parse(req.uri().path());
@@ -39,7 +41,8 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Response<Body> {
                 "{method} is not supported: wharf is a read-only mirror"
             )));
         }
-        dispatch(&state, route?, &Query::parse(req.uri().query()), req.headers(), head).await
+        let query = Query::parse(req.uri().query());
+        dispatch(&state, route?, &Ctx { query: &query, headers: req.headers(), head, client }).await
     }
     .instrument(span.clone())
     .await;
@@ -52,17 +55,33 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
-async fn dispatch(
-    state: &AppState,
-    route: Route,
-    query: &Query,
-    headers: &HeaderMap,
+/// The admin listener (`metrics.listen`): `/metrics` and `/_wharf/health` only.
+pub async fn handle_admin(state: AppState, req: hyper::Request<Incoming>, client: IpAddr) -> Response<Body> {
+    match route::parse(req.uri().path()) {
+        Ok(Route::Metrics | Route::Health) => handle(state, req, client).await,
+        _ => ApiError::NotFound("this address serves /metrics and /_wharf/health only".into())
+            .into_response(&state.metrics, req.method() == Method::HEAD),
+    }
+}
+
+/// What handlers need to know of the request besides its route.
+struct Ctx<'a> {
+    query: &'a Query,
+    headers: &'a HeaderMap,
     head: bool,
-) -> Result<Response<Body>, ApiError> {
+    /// Used only to tie a client's digest GETs to the tag it resolved; never a label.
+    client: IpAddr,
+}
+
+async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
+    let (query, headers, head) = (req.query, req.headers, req.head);
     match route {
         Route::Base => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{}"), head)),
         Route::Health => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"), head)),
         Route::Metrics => {
+            let (blobs, bytes) = state.store().totals();
+            state.metrics.cache_blobs.set(blobs as i64);
+            state.metrics.cache_bytes.set(bytes as i64);
             let mut r = Response::new(body::full(state.metrics.render()));
             r.headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
@@ -70,16 +89,25 @@ async fn dispatch(
         }
         Route::Manifest { name, reference } => {
             let (up, name) = pullable(state, &name, query)?;
-            let res = manifest(state, &up, &name, &reference, headers).await;
-            let result = match &res {
-                Ok(m) => m.result.as_str(),
-                Err(_) => "error",
+            let m = match manifest(state, &up, &name, &reference, headers).await {
+                Ok(m) => m,
+                Err(e) => {
+                    state.analytics.manifest_failed(&up.name, head);
+                    return Err(e);
+                }
             };
-            let method = if head { "HEAD" } else { "GET" };
-            state.metrics.manifest_requests.with_label_values(&[&up.name, method, result]).inc();
-            let m = res?;
+            state.analytics.manifest_served(ManifestServed {
+                client: req.client,
+                upstream: &up.name,
+                repo: &name,
+                reference: &reference,
+                digest: &m.digest,
+                manifest: &m.manifest,
+                result: m.result,
+                head,
+            });
             state.store().touch(&m.digest);
-            tracing::debug!(upstream = %up.name, repository = %name, digest = %m.digest, cache = result, "manifest");
+            tracing::debug!(upstream = %up.name, repository = %name, digest = %m.digest, cache = m.result.as_str(), "manifest");
             Ok(manifest_response(&m, head))
         }
         Route::Blob { name, digest } => {
@@ -90,7 +118,7 @@ async fn dispatch(
                 blob_get(state, &up, &name, &digest, headers).await
             };
             if res.is_err() {
-                state.metrics.blob_requests.with_label_values(&[&up.name, "error"]).inc();
+                state.analytics.blob_served(&up.name, "error");
             }
             res
         }
@@ -119,6 +147,13 @@ async fn dispatch(
             Ok(listing_response(json, &page, "/v2/_catalog", query, head))
         }
         Route::History { name, tag } => history(state, &name, &tag, query, head),
+        Route::Stats => {
+            let report =
+                crate::analytics::report(state.store(), query.top.unwrap_or(10), query.since.as_deref())
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let json = serde_json::to_vec(&report).map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(json_response(StatusCode::OK, Bytes::from(json), head))
+        }
     }
 }
 
@@ -131,6 +166,10 @@ pub struct Query {
     pub n: Option<usize>,
     /// Last name of the previous page of a listing.
     pub last: Option<String>,
+    /// Length of the top lists of `/_wharf/stats`.
+    pub top: Option<usize>,
+    /// First day (`YYYY-MM-DD`) `/_wharf/stats` counts.
+    pub since: Option<String>,
 }
 
 impl Query {
@@ -141,6 +180,8 @@ impl Query {
                 "ns" => out.ns = Some(v.into_owned()),
                 "n" => out.n = v.parse().ok(),
                 "last" => out.last = Some(v.into_owned()),
+                "top" => out.top = v.parse().ok(),
+                "since" => out.since = Some(v.into_owned()),
                 _ => {}
             }
         }
@@ -324,7 +365,7 @@ async fn blob_head(
     let (size, cached) =
         state.cache.blob_size(up, name, d).await.map_err(|e| ApiError::from_cache(e, true))?;
     let result = if cached { "hit" } else { "miss" };
-    state.metrics.blob_requests.with_label_values(&[&up.name, result]).inc();
+    state.analytics.blob_served(&up.name, result);
     let mut r = Response::new(body::empty());
     blob_headers(r.headers_mut(), d, size);
     Ok(r)
@@ -344,7 +385,7 @@ async fn blob_get(
         BlobSource::Filling { joined: true, .. } => "joined",
         BlobSource::Filling { .. } => "miss",
     };
-    state.metrics.blob_requests.with_label_values(&[&up.name, result]).inc();
+    state.analytics.blob_served(&up.name, result);
     match (src, range) {
         (BlobSource::Cached { file, size }, range) => serve_file(state, file, size, d, range.as_deref()),
         (BlobSource::Filling { fill, .. }, Some(range)) => {
@@ -361,8 +402,8 @@ async fn blob_get(
         }
         (BlobSource::Filling { fill, size, .. }, None) => {
             let (tx, body) = body::channel(4);
-            let counter = state.metrics.blob_bytes_served.with_label_values(&["upstream"]);
-            fill.stream(tx, move |n| counter.inc_by(n));
+            let analytics = state.analytics.clone();
+            fill.stream(tx, move |n| analytics.blob_bytes(false, n));
             let mut r = Response::new(body);
             blob_headers(r.headers_mut(), d, size);
             Ok(r)
@@ -430,7 +471,7 @@ fn serve_file(
         ByteRange::Unsatisfiable => return Err(ApiError::RangeNotSatisfiable(size)),
     };
     let (tx, body) = body::channel(4);
-    let counter = state.metrics.blob_bytes_served.with_label_values(&["cache"]);
+    let analytics = state.analytics.clone();
     // One blocking task per response (not per chunk) reads the file into the channel.
     tokio::task::spawn_blocking(move || {
         let mut off = start;
@@ -440,7 +481,7 @@ fn serve_file(
             let chunk = read_at(&file, off, n);
             let ok = chunk.is_ok();
             if let Ok(c) = &chunk {
-                counter.inc_by(c.len() as u64);
+                analytics.blob_bytes(true, c.len() as u64);
             }
             if tx.blocking_send(chunk).is_err() || !ok {
                 return;

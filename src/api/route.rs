@@ -21,6 +21,8 @@ pub enum Route {
     History { name: RepoName, tag: Tag },
     /// `/metrics`
     Metrics,
+    /// `/_wharf/stats`
+    Stats,
     /// `/_wharf/health`
     Health,
 }
@@ -36,6 +38,7 @@ impl Route {
             Route::Catalog => "catalog",
             Route::History { .. } => "history",
             Route::Metrics => "metrics",
+            Route::Stats => "stats",
             Route::Health => "health",
         }
     }
@@ -54,6 +57,7 @@ pub fn parse(path: &str) -> Result<Route, ApiError> {
         "/v2/_catalog" => return Ok(Route::Catalog),
         "/metrics" => return Ok(Route::Metrics),
         "/_wharf/health" => return Ok(Route::Health),
+        "/_wharf/stats" => return Ok(Route::Stats),
         _ => {}
     }
     if let Some(rest) = path.strip_prefix("/_wharf/history/") {

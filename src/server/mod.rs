@@ -25,6 +25,17 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve_with_admin(listener, None, state, shutdown).await
+}
+
+/// [`serve`], plus `/metrics` on a separate plain-HTTP listener (`metrics.listen`).
+pub async fn serve_with_admin(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    state: AppState,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let admin = admin.map(|l| tokio::spawn(serve_admin(l, state.clone())));
     let tls = match &state.config.tls {
         Some(cfg) => {
             let certs = tls::Certificates::load(cfg).map_err(std::io::Error::other)?;
@@ -68,6 +79,9 @@ pub async fn serve(
     }
     drop(listener);
     flusher.abort();
+    if let Some(a) = admin {
+        a.abort();
+    }
     if let Some((_, watch)) = tls {
         watch.abort();
     }
@@ -77,7 +91,7 @@ pub async fn serve(
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; dropping the remaining connections"),
     }
-    if let Err(e) = state.store().flush() {
+    if let Err(e) = state.analytics.flush().and_then(|_| state.store().flush()) {
         tracing::error!(error = %e, "index flush failed");
     }
     Ok(())
@@ -95,23 +109,43 @@ async fn serve_connection<I>(
 {
     let svc = service_fn(move |req| {
         let st = state.clone();
-        async move { Ok::<_, Infallible>(api::handle(st, req).await) }
+        async move { Ok::<_, Infallible>(api::handle(st, req, peer.ip()).await) }
     });
     if let Err(e) = watcher.watch(builder.serve_connection(io, svc)).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
-/// Writes batched last-access times to the index now and then.
+/// Writes batched last-access times and analytics counts to the index now and then.
 async fn flush_access_periodically(state: AppState) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tick.tick().await;
-        let store = state.store().clone();
-        match tokio::task::spawn_blocking(move || store.flush_access()).await {
+        let (store, analytics) = (state.store().clone(), state.analytics.clone());
+        match tokio::task::spawn_blocking(move || store.flush_access().and_then(|_| analytics.flush())).await
+        {
             Ok(Err(e)) => tracing::warn!(error = %e, "writing last-access times failed"),
             Err(e) => tracing::warn!(error = %e, "last-access flush task failed"),
             Ok(Ok(_)) => {}
         }
+    }
+}
+
+/// Accept loop of the admin listener (plain HTTP, metrics and health only).
+async fn serve_admin(listener: TcpListener, state: AppState) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (state, builder) = (state.clone(), builder.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let st = state.clone();
+                async move { Ok::<_, Infallible>(api::handle_admin(st, req, peer.ip()).await) }
+            });
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+        });
     }
 }

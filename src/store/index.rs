@@ -34,6 +34,9 @@ pub struct TagMeta {
 pub struct Seen {
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
+    /// Pulls of the tag while it pointed here.
+    #[serde(default)]
+    pub pulls: u64,
 }
 
 pub struct Index {
@@ -41,6 +44,8 @@ pub struct Index {
     blobs: sled::Tree,
     tags: sled::Tree,
     history: sled::Tree,
+    /// Analytics counters (`u64` little-endian). Not derived from the tree: kept by reindex.
+    counters: sled::Tree,
 }
 
 fn tag_key(r: &RepoKey, t: &Tag) -> String {
@@ -64,6 +69,7 @@ impl Index {
             blobs: db.open_tree("blobs")?,
             tags: db.open_tree("tags")?,
             history: db.open_tree("history")?,
+            counters: db.open_tree("counters")?,
             db,
         })
     }
@@ -115,6 +121,67 @@ impl Index {
             .keys()
             .map(|k| k.map(|k| String::from_utf8_lossy(&k).into_owned()))
             .collect()
+    }
+
+    /// Adds to counters.
+    pub fn add_counters<'a>(
+        &self,
+        adds: impl IntoIterator<Item = (&'a String, &'a u64)>,
+    ) -> sled::Result<()> {
+        for (k, n) in adds {
+            self.counters.update_and_fetch(k.as_bytes(), |old| {
+                let v = old.and_then(|o| <[u8; 8]>::try_from(o).ok()).map(u64::from_le_bytes).unwrap_or(0);
+                Some((v + n).to_le_bytes().to_vec())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Counters whose key starts with `prefix`.
+    pub fn counters(&self, prefix: &str) -> sled::Result<Vec<(String, u64)>> {
+        self.counters
+            .scan_prefix(prefix.as_bytes())
+            .map(|kv| {
+                kv.map(|(k, v)| {
+                    let n = <[u8; 8]>::try_from(&*v).map(u64::from_le_bytes).unwrap_or(0);
+                    (String::from_utf8_lossy(&k).into_owned(), n)
+                })
+            })
+            .collect()
+    }
+
+    /// Number and total size of indexed blobs.
+    pub fn blob_totals(&self) -> (u64, u64) {
+        self.blobs
+            .iter()
+            .values()
+            .filter_map(|v| v.ok().and_then(|v| serde_json::from_slice::<BlobMeta>(&v).ok()))
+            .fold((0, 0), |(n, b), m| (n + 1, b + m.size))
+    }
+
+    /// Pull counts recorded in tag histories, by history key.
+    pub fn history_pulls(&self) -> sled::Result<Vec<(sled::IVec, u64)>> {
+        let mut out = Vec::new();
+        for kv in self.history.iter() {
+            let (k, v) = kv?;
+            if let Ok(s) = serde_json::from_slice::<Seen>(&v) {
+                if s.pulls > 0 {
+                    out.push((k, s.pulls));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts pull counts back on the history entries that still exist.
+    pub fn restore_history_pulls(&self, pulls: Vec<(sled::IVec, u64)>) -> sled::Result<()> {
+        for (k, n) in pulls {
+            if let Some(mut s) = self.history.get(&k)?.and_then(|v| serde_json::from_slice::<Seen>(&v).ok()) {
+                s.pulls = n;
+                put(&self.history, &k, &s)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn clear(&self) -> sled::Result<()> {

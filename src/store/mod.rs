@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -107,6 +108,8 @@ pub struct HistoryEntry {
     pub first_seen: String,
     pub last_seen: String,
     pub current: bool,
+    /// Pulls of the tag while it pointed at this digest.
+    pub pulls: u64,
     #[serde(skip)]
     pub first_seen_ms: u64,
 }
@@ -126,6 +129,9 @@ pub struct Store {
     /// Last-access times not yet written to the index: reads stay free of index writes,
     /// and `flush_access` writes them in one batch.
     accessed: Mutex<HashMap<Digest, u64>>,
+    /// Number and bytes of stored blobs, kept up to date as blobs are added.
+    blob_count: AtomicU64,
+    blob_bytes: AtomicU64,
     /// Held for the store's lifetime: one process per data dir.
     _lock: File,
 }
@@ -183,11 +189,21 @@ impl Store {
                 Index::open(&index_path)?
             }
         };
-        let store = Store { tree, index, accessed: Mutex::new(HashMap::new()), _lock: lock };
+        let store = Store {
+            tree,
+            index,
+            accessed: Mutex::new(HashMap::new()),
+            blob_count: AtomicU64::new(0),
+            blob_bytes: AtomicU64::new(0),
+            _lock: lock,
+        };
         if !store.index.is_built()? {
             let stats = store.reindex()?;
             tracing::info!(?stats, "index built from the storage tree");
         }
+        let (n, bytes) = store.index.blob_totals();
+        store.blob_count.store(n, Ordering::Relaxed);
+        store.blob_bytes.store(bytes, Ordering::Relaxed);
         Ok(store)
     }
 
@@ -208,7 +224,37 @@ impl Store {
     /// Moves a verified spool file into place and indexes it.
     pub fn commit_blob(&self, spool: &Path, d: &Digest, size: u64) -> Result<(), StoreError> {
         self.tree.persist(spool, d)?;
+        self.count_blob(size);
         self.index.put_blob(d, &BlobMeta { size, media_type: None, accessed_ms: now_ms() })?;
+        Ok(())
+    }
+
+    fn count_blob(&self, size: u64) {
+        self.blob_count.fetch_add(1, Ordering::Relaxed);
+        self.blob_bytes.fetch_add(size, Ordering::Relaxed);
+    }
+
+    /// Number and total bytes of stored blobs (manifests included).
+    pub fn totals(&self) -> (u64, u64) {
+        (self.blob_count.load(Ordering::Relaxed), self.blob_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Adds to analytics counters (kept across restarts and reindexing).
+    pub fn add_counters(&self, adds: &HashMap<String, u64>) -> Result<(), StoreError> {
+        Ok(self.index.add_counters(adds)?)
+    }
+
+    /// Analytics counters whose key starts with `prefix`.
+    pub fn counters(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self.index.counters(prefix)?)
+    }
+
+    /// Adds `n` pulls of tag `t` while it pointed at `d` to its history.
+    pub fn add_tag_pulls(&self, r: &RepoKey, t: &Tag, d: &Digest, n: u64) -> Result<(), StoreError> {
+        if let Some(mut s) = self.index.seen(r, t, d)? {
+            s.pulls += n;
+            self.index.put_seen(r, t, d, &s)?;
+        }
         Ok(())
     }
 
@@ -273,6 +319,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         if self.tree.stat(d)?.is_none() {
             self.tree.write_blob(d, bytes)?;
+            self.count_blob(bytes.len() as u64);
         }
         self.index.put_blob(
             d,
@@ -313,7 +360,7 @@ impl Store {
         }
         let seen = match self.index.seen(r, t, d)? {
             Some(s) => Seen { last_seen_ms: now, ..s },
-            None => Seen { first_seen_ms: now, last_seen_ms: now },
+            None => Seen { first_seen_ms: now, last_seen_ms: now, pulls: 0 },
         };
         self.index.put_seen(r, t, d, &seen)?;
         self.index.put_tag(r, t, &TagMeta { digest: d.to_string(), checked_ms: now })?;
@@ -352,6 +399,7 @@ impl Store {
             .into_iter()
             .map(|(d, s)| HistoryEntry {
                 current: current.as_deref() == Some(&d.to_string()),
+                pulls: s.pulls,
                 digest: d.to_string(),
                 first_seen: rfc3339(s.first_seen_ms),
                 last_seen: rfc3339(s.last_seen_ms),
@@ -366,6 +414,8 @@ impl Store {
     /// first seen is when the tag's index link was written, last seen is when the next
     /// digest took over (approximate: the exact times lived only in the old index).
     pub fn reindex(&self) -> Result<ReindexStats, StoreError> {
+        // Pull counts are analytics, not derivable from the tree: carried over.
+        let pulls = self.index.history_pulls()?;
         self.index.clear()?;
         let mut stats = ReindexStats::default();
         for e in walk_files(&self.tree.blobs_root())? {
@@ -431,7 +481,7 @@ impl Store {
                         &repo,
                         &tag,
                         d,
-                        &Seen { first_seen_ms: *first, last_seen_ms: last },
+                        &Seen { first_seen_ms: *first, last_seen_ms: last, pulls: 0 },
                     )?;
                     stats.history_entries += 1;
                 }
@@ -440,6 +490,7 @@ impl Store {
                 stats.tags += 1;
             }
         }
+        self.index.restore_history_pulls(pulls)?;
         self.index.mark_built()?;
         self.index.flush()?;
         Ok(stats)
