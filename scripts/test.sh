@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs the Debian packages the tests
-# drive when they are missing (a real upstream registry, and real clients: skopeo,
-# containerd's ctr, the docker daemon), then runs `cargo test`. Extra arguments go to
+# drive when they are missing (a real upstream registry; real clients: skopeo,
+# containerd's ctr, the docker daemon; Prometheus and promtool), then runs `cargo test`. Extra arguments go to
 # cargo test. The client tests start private daemons, so they need root.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,6 +13,7 @@ command -v curl >/dev/null || need+=(curl)
 command -v containerd >/dev/null || need+=(containerd)
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v runc >/dev/null || need+=(runc)
+command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
 if ((${#need[@]})); then
   sudo=""
   [[ $(id -u) -eq 0 ]] || sudo=sudo

@@ -352,6 +352,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_documents_the_defaults() {
+        figment::Jail::expect_with(|_| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+            let example = Config::load(Some(&path), &Overrides::default()).map_err(|e| e.to_string())?;
+            let as_json = |c: &Config| serde_json::to_value(c).map_err(|e| e.to_string());
+            assert_eq!(as_json(&example)?, as_json(&Config::default())?);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn bad_upstream_names_are_refused() {
         let mut c = Config::default();
         c.upstreams[0].name = "../etc".into();

@@ -160,6 +160,11 @@ fn containerd_pulls_through_a_hosts_toml_mirror_with_ns() {
     assert!(images.contains(&img.index), "containerd resolved the upstream's index: {images}");
     assert!(asked("app", &img.images[0]), "the linux/amd64 manifest came through wharf");
     assert!(!asked("app", &img.images[1]), "the linux/arm64 manifest was not fetched");
+    // HEAD by tag, GET index by digest, GET the amd64 image: one pull of `latest`.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let pulls = |labels: &[(&str, &str)]| rt.block_on(w.metric("wharf_pulls_total", labels));
+    assert_eq!(pulls(&[("repository", "demo/app"), ("tag", "latest"), ("platform", "linux/amd64")]), 1.0);
+    assert_eq!(pulls(&[]), 1.0);
 
     // Every platform, including the buildx attestation manifests. (containerd 1.6 cannot
     // unpack attestation manifests, mirror or not, so this one is fetched, not unpacked.)

@@ -280,6 +280,13 @@ impl Wharf {
         format!("{}://{}{path}", self.scheme, self.addr)
     }
 
+    /// The `metrics.listen` address, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.data.join("wharf/server.json")).ok()?).ok()?;
+        v["metrics_addr"].as_str()?.parse().ok()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("wharf is running").id()
     }
