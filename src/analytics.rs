@@ -40,6 +40,8 @@ struct State {
     resolved: HashMap<(IpAddr, RepoKey, Digest), (Tag, Instant)>,
     /// Child manifest → its index and platform, learned from indexes served.
     children: HashMap<Digest, Child>,
+    /// Indexes whose children are learned (each index is parsed once).
+    learned: HashSet<Digest>,
     /// (upstream, repository, tag, platform) series given to Prometheus so far.
     series: HashSet<(String, String, String, String)>,
     /// Counter increments not yet written to the index.
@@ -57,6 +59,31 @@ pub struct Analytics {
     /// Blob bytes served, by source, since the last flush (kept off the lock: per chunk).
     bytes_cache: AtomicU64,
     bytes_upstream: AtomicU64,
+    /// Hits and misses since the last flush, by [`Traffic`].
+    traffic: [AtomicU64; 4],
+}
+
+/// Request outcomes counted for the hit ratio.
+#[derive(Clone, Copy)]
+enum Traffic {
+    BlobHits,
+    BlobMisses,
+    ManifestHits,
+    ManifestMisses,
+}
+
+impl Traffic {
+    const ALL: [Traffic; 4] =
+        [Traffic::BlobHits, Traffic::BlobMisses, Traffic::ManifestHits, Traffic::ManifestMisses];
+
+    fn field(self) -> &'static str {
+        match self {
+            Traffic::BlobHits => "blob_hits",
+            Traffic::BlobMisses => "blob_misses",
+            Traffic::ManifestHits => "manifest_hits",
+            Traffic::ManifestMisses => "manifest_misses",
+        }
+    }
 }
 
 /// A manifest answer, as the API served it.
@@ -100,6 +127,7 @@ impl Analytics {
             state: Mutex::new(State::default()),
             bytes_cache: AtomicU64::new(0),
             bytes_upstream: AtomicU64::new(0),
+            traffic: Default::default(),
         }
     }
 
@@ -121,14 +149,10 @@ impl Analytics {
     pub fn manifest_served(&self, m: ManifestServed<'_>) {
         let method = if m.head { "HEAD" } else { "GET" };
         self.metrics.manifest_requests.with_label_values(&[m.upstream, method, m.result.as_str()]).inc();
+        let hit = !matches!(m.result, ManifestResult::Miss | ManifestResult::Refreshed);
+        self.traffic(if hit { Traffic::ManifestHits } else { Traffic::ManifestMisses });
         let key = RepoKey::new(m.upstream, m.repo);
         let mut st = self.state();
-        let hit = !matches!(m.result, ManifestResult::Miss | ManifestResult::Refreshed);
-        Self::count(
-            &mut st,
-            format!("traffic\t{}\tmanifest_{}", today(), if hit { "hits" } else { "misses" }),
-            1,
-        );
         if let Reference::Tag(t) = m.reference {
             if st.resolved.len() >= MAX_RESOLVED {
                 st.resolved.retain(|_, (_, at)| at.elapsed() < RESOLVED_FOR);
@@ -194,11 +218,16 @@ impl Analytics {
 
     /// Remembers the platform of every child of an index.
     fn learn_children(&self, st: &mut State, index: &Digest, bytes: &[u8]) {
+        if st.learned.contains(index) {
+            return;
+        }
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else { return };
         let Some(list) = v.get("manifests").and_then(|m| m.as_array()) else { return };
         if st.children.len() + list.len() > MAX_CHILDREN {
             st.children.clear();
+            st.learned.clear();
         }
+        st.learned.insert(index.clone());
         for m in list {
             let Some(d) = m.get("digest").and_then(|d| d.as_str()).and_then(Digest::parse) else { continue };
             let attestation = m.get("annotations").and_then(|a| a.get("vnd.docker.reference.type")).is_some();
@@ -224,12 +253,15 @@ impl Analytics {
     /// A blob request answered; `result` is hit, miss, joined or error.
     pub fn blob_served(&self, upstream: &str, result: &str) {
         self.metrics.blob_requests.with_label_values(&[upstream, result]).inc();
-        let field = match result {
-            "hit" => "blob_hits",
-            "miss" | "joined" => "blob_misses",
-            _ => return,
-        };
-        Self::count(&mut self.state(), format!("traffic\t{}\t{field}", today()), 1);
+        match result {
+            "hit" => self.traffic(Traffic::BlobHits),
+            "miss" | "joined" => self.traffic(Traffic::BlobMisses),
+            _ => {}
+        }
+    }
+
+    fn traffic(&self, t: Traffic) {
+        self.traffic[t as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Blob bytes sent to a client, from the cache or from a download in progress.
@@ -247,7 +279,9 @@ impl Analytics {
             (std::mem::take(&mut st.pending), std::mem::take(&mut st.tag_pulls))
         };
         let day = today();
-        for (field, total) in [("bytes_cache", &self.bytes_cache), ("bytes_upstream", &self.bytes_upstream)] {
+        let counted = Traffic::ALL.iter().map(|t| (t.field(), &self.traffic[*t as usize]));
+        let bytes = [("bytes_cache", &self.bytes_cache), ("bytes_upstream", &self.bytes_upstream)];
+        for (field, total) in bytes.into_iter().chain(counted) {
             let n = total.swap(0, Ordering::Relaxed);
             if n > 0 {
                 *pending.entry(format!("traffic\t{day}\t{field}")).or_default() += n;

@@ -26,6 +26,8 @@ use crate::AppState;
 
 /// Bytes per read when serving a stored blob.
 const FILE_CHUNK: usize = 256 * 1024;
+/// Blobs (or ranges) up to this size are read inline instead of on the blocking pool.
+const INLINE_READ_MAX: u64 = 64 * 1024;
 
 /// Answers one request. Never fails: errors become OCI error responses.
 pub async fn handle(state: AppState, req: Request<Incoming>, client: IpAddr) -> Response<Body> {
@@ -381,20 +383,26 @@ async fn blob_get(
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let src = state.cache.blob(up, name, d).await.map_err(|e| ApiError::from_cache(e, true))?;
     let result = match &src {
-        BlobSource::Cached { .. } => "hit",
+        BlobSource::Cached { .. } | BlobSource::Small(_) => "hit",
         BlobSource::Filling { joined: true, .. } => "joined",
         BlobSource::Filling { .. } => "miss",
     };
     state.analytics.blob_served(&up.name, result);
     match (src, range) {
-        (BlobSource::Cached { file, size }, range) => serve_file(state, file, size, d, range.as_deref()),
+        (BlobSource::Cached { file, size }, range) => {
+            serve_file(state, Source::File(file), size, d, range.as_deref())
+        }
+        (BlobSource::Small(bytes), range) => {
+            let size = bytes.len() as u64;
+            serve_file(state, Source::Bytes(bytes), size, d, range.as_deref())
+        }
         (BlobSource::Filling { fill, .. }, Some(range)) => {
             // A range of an unverified download cannot be vouched for: wait for the whole.
             fill.finished().await.map_err(|e| ApiError::from_cache(e, true))?;
             match state.store().blobs().open(d) {
                 Ok(Some(file)) => {
                     let size = file.metadata().map_err(|e| ApiError::Internal(e.to_string()))?.len();
-                    serve_file(state, file, size, d, Some(&range))
+                    serve_file(state, Source::File(file), size, d, Some(&range))
                 }
                 Ok(None) => Err(ApiError::BlobUnknown("blob vanished after download".into())),
                 Err(e) => Err(ApiError::Internal(e.to_string())),
@@ -458,9 +466,15 @@ fn parse_range(h: Option<&str>, size: u64) -> ByteRange {
     }
 }
 
+/// Stored bytes to serve: a file, or a small blob held in memory.
+enum Source {
+    File(std::fs::File),
+    Bytes(Bytes),
+}
+
 fn serve_file(
     state: &AppState,
-    file: std::fs::File,
+    src: Source,
     size: u64,
     d: &Digest,
     range: Option<&str>,
@@ -470,6 +484,34 @@ fn serve_file(
         ByteRange::Part(a, b) => (a, b - a + 1, StatusCode::PARTIAL_CONTENT),
         ByteRange::Unsatisfiable => return Err(ApiError::RangeNotSatisfiable(size)),
     };
+    let body = match src {
+        Source::Bytes(b) => {
+            state.analytics.blob_bytes(true, len);
+            body::full(b.slice(start as usize..(start + len) as usize))
+        }
+        Source::File(file) if len <= INLINE_READ_MAX => {
+            // Small and almost always in the page cache: one positional read costs less
+            // than handing the response to the blocking pool.
+            let bytes = read_at(&file, start, len as usize).map_err(|e| ApiError::Internal(e.to_string()))?;
+            state.analytics.blob_bytes(true, len);
+            body::full(bytes)
+        }
+        Source::File(file) => stream_file(state, file, start, len),
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    blob_headers(h, d, Some(len));
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{}", start, start + len - 1, size)) {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    Ok(r)
+}
+
+/// A body that reads `len` bytes of `file` from `start` on the blocking pool.
+fn stream_file(state: &AppState, file: std::fs::File, start: u64, len: u64) -> Body {
     let (tx, body) = body::channel(4);
     let analytics = state.analytics.clone();
     // One blocking task per response (not per chunk) reads the file into the channel.
@@ -489,16 +531,7 @@ fn serve_file(
             off += n as u64;
         }
     });
-    let mut r = Response::new(body);
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    blob_headers(h, d, Some(len));
-    if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{}", start, start + len - 1, size)) {
-            h.insert(header::CONTENT_RANGE, v);
-        }
-    }
-    Ok(r)
+    body
 }
 
 fn json_response(status: StatusCode, json: Bytes, head: bool) -> Response<Body> {

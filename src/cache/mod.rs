@@ -81,6 +81,8 @@ pub enum BlobSource {
         file: File,
         size: u64,
     },
+    /// A small blob held in memory.
+    Small(bytes::Bytes),
     /// A download in flight; `joined` when another request started it.
     Filling {
         fill: Arc<Fill>,
@@ -338,11 +340,22 @@ impl Cache {
     }
 
     fn cached_blob(&self, key: &RepoKey, d: &Digest) -> Result<Option<BlobSource>, CacheError> {
+        if let Some(bytes) = self.store.small_blob(d) {
+            self.store.link_layer(key, d)?;
+            self.store.touch(d);
+            return Ok(Some(BlobSource::Small(bytes)));
+        }
         match self.store.blobs().open(d).map_err(StoreError::from)? {
             Some(file) => {
                 let size = file.metadata().map_err(StoreError::from)?.len();
                 self.store.link_layer(key, d)?;
                 self.store.touch(d);
+                if size <= crate::store::SMALL_BLOB_MAX {
+                    if let Ok(bytes) = read_at(&file, 0, size as usize) {
+                        self.store.remember_small_blob(d, bytes.clone());
+                        return Ok(Some(BlobSource::Small(bytes)));
+                    }
+                }
                 Ok(Some(BlobSource::Cached { file, size }))
             }
             None => Ok(None),

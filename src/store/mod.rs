@@ -101,6 +101,41 @@ pub struct StoredManifest {
     pub media_type: String,
 }
 
+/// Bound on the in-memory manifest cache (manifests are a few KiB each).
+const MANIFEST_CACHE_BYTES: usize = 4 * 1024 * 1024;
+/// Blobs up to this size are kept in memory once served.
+pub const SMALL_BLOB_MAX: u64 = 64 * 1024;
+/// Bound on the bytes of small blobs kept in memory.
+const SMALL_BLOBS_BYTES: usize = 4 * 1024 * 1024;
+/// Bound on the known-links set.
+const MAX_KNOWN_LINKS: usize = 100_000;
+
+#[derive(Default)]
+struct ManifestCache {
+    map: HashMap<(RepoKey, Digest), StoredManifest>,
+    bytes: usize,
+}
+
+impl ManifestCache {
+    fn insert(&mut self, key: (RepoKey, Digest), m: StoredManifest) {
+        let size = m.bytes.len();
+        if size > MANIFEST_CACHE_BYTES / 4 {
+            return;
+        }
+        // Evict arbitrary entries until it fits: hits are what matters, not recency.
+        while self.bytes + size > MANIFEST_CACHE_BYTES {
+            let Some(k) = self.map.keys().next().cloned() else { break };
+            if let Some(old) = self.map.remove(&k) {
+                self.bytes -= old.bytes.len();
+            }
+        }
+        if let Some(old) = self.map.insert(key, m) {
+            self.bytes -= old.bytes.len();
+        }
+        self.bytes += size;
+    }
+}
+
 /// One entry of a tag's history.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct HistoryEntry {
@@ -129,6 +164,13 @@ pub struct Store {
     /// Last-access times not yet written to the index: reads stay free of index writes,
     /// and `flush_access` writes them in one batch.
     accessed: Mutex<HashMap<Digest, u64>>,
+    /// Manifests served recently, so hits skip the disk and the index. Content by digest
+    /// is immutable; bounded by bytes.
+    manifests: Mutex<ManifestCache>,
+    /// Small blobs (configs, small layers) served recently, verified bytes. Bounded.
+    small_blobs: Mutex<(HashMap<Digest, Bytes>, usize)>,
+    /// (repository, blob) links known to exist, so hits skip a stat. Bounded.
+    links: Mutex<std::collections::HashSet<(RepoKey, Digest)>>,
     /// Number and bytes of stored blobs, kept up to date as blobs are added.
     blob_count: AtomicU64,
     blob_bytes: AtomicU64,
@@ -193,6 +235,9 @@ impl Store {
             tree,
             index,
             accessed: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(ManifestCache::default()),
+            small_blobs: Mutex::new((HashMap::new(), 0)),
+            links: Mutex::new(std::collections::HashSet::new()),
             blob_count: AtomicU64::new(0),
             blob_bytes: AtomicU64::new(0),
             _lock: lock,
@@ -258,6 +303,27 @@ impl Store {
         Ok(())
     }
 
+    /// A small blob held in memory (read from the store, so verified).
+    pub fn small_blob(&self, d: &Digest) -> Option<Bytes> {
+        self.small_blobs.lock().unwrap_or_else(|p| p.into_inner()).0.get(d).cloned()
+    }
+
+    /// Keeps a small blob's bytes, read from the store, in memory.
+    pub fn remember_small_blob(&self, d: &Digest, bytes: Bytes) {
+        let mut guard = self.small_blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, total) = &mut *guard;
+        while *total + bytes.len() > SMALL_BLOBS_BYTES {
+            let Some(k) = map.keys().next().cloned() else { break };
+            if let Some(old) = map.remove(&k) {
+                *total -= old.len();
+            }
+        }
+        *total += bytes.len();
+        if let Some(old) = map.insert(d.clone(), bytes) {
+            *total -= old.len();
+        }
+    }
+
     /// Notes that blob `d` was served (written to the index by `flush_access`).
     pub fn touch(&self, d: &Digest) {
         self.accessed.lock().unwrap_or_else(|p| p.into_inner()).insert(d.clone(), now_ms());
@@ -282,15 +348,36 @@ impl Store {
 
     /// Records that `repo` holds blob `d` (distribution needs the link to serve it).
     pub fn link_layer(&self, r: &RepoKey, d: &Digest) -> Result<(), StoreError> {
+        let key = (r.clone(), d.clone());
+        if self.links.lock().unwrap_or_else(|p| p.into_inner()).contains(&key) {
+            return Ok(());
+        }
         let link = self.tree.layer_link(r, d);
         if !link.exists() {
             self.tree.write_link(&link, d)?;
         }
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if links.len() >= MAX_KNOWN_LINKS {
+            links.clear();
+        }
+        links.insert(key);
         Ok(())
     }
 
     /// A manifest of `repo`, when cached.
     pub fn manifest(&self, r: &RepoKey, d: &Digest) -> Result<Option<StoredManifest>, StoreError> {
+        let key = (r.clone(), d.clone());
+        if let Some(m) = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).map.get(&key) {
+            return Ok(Some(m.clone()));
+        }
+        let m = self.manifest_from_disk(r, d)?;
+        if let Some(m) = &m {
+            self.manifests.lock().unwrap_or_else(|p| p.into_inner()).insert(key, m.clone());
+        }
+        Ok(m)
+    }
+
+    fn manifest_from_disk(&self, r: &RepoKey, d: &Digest) -> Result<Option<StoredManifest>, StoreError> {
         if !self.tree.revision_link(r, d).exists() {
             return Ok(None);
         }
