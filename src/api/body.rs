@@ -42,3 +42,80 @@ pub fn channel(depth: usize) -> (mpsc::Sender<io::Result<Bytes>>, Body) {
     let (tx, rx) = mpsc::channel(depth);
     (tx, ChannelBody { rx }.boxed_unsync())
 }
+
+/// Bytes per read when streaming a stored file.
+const FILE_CHUNK: usize = 512 * 1024;
+/// Buffers one file response may have in flight (being read, queued, or being written).
+const FILE_BUFFERS: usize = 3;
+
+/// A read buffer that goes back to its response's ring when hyper is done with it, so a
+/// long transfer reuses a few warm buffers instead of allocating every chunk.
+struct Pooled {
+    buf: Vec<u8>,
+    len: usize,
+    home: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let _ = self.home.try_send(std::mem::take(&mut self.buf));
+    }
+}
+
+/// A body reading `len` bytes of `file` from `start`, on one blocking thread for the whole
+/// response, with at most [`FILE_BUFFERS`] buffers of [`FILE_CHUNK`] bytes in flight.
+pub fn file(file: std::fs::File, start: u64, len: u64, on_chunk: impl Fn(u64) + Send + 'static) -> Body {
+    use std::os::unix::fs::FileExt;
+    let (tx, body) = channel(FILE_BUFFERS);
+    tokio::task::spawn_blocking(move || {
+        let (home, ring) = std::sync::mpsc::sync_channel::<Vec<u8>>(FILE_BUFFERS);
+        let mut allocated = 0;
+        let (mut off, end) = (start, start + len);
+        while off < end {
+            let mut buf = match ring.try_recv() {
+                Ok(b) => b,
+                Err(_) if allocated < FILE_BUFFERS => {
+                    allocated += 1;
+                    vec![0; FILE_CHUNK]
+                }
+                // Every buffer is queued or on the wire: wait for the client to take one.
+                Err(_) => match ring.recv() {
+                    Ok(b) => b,
+                    Err(_) => return,
+                },
+            };
+            let want = (end - off).min(FILE_CHUNK as u64) as usize;
+            let mut got = 0;
+            while got < want {
+                match file.read_at(&mut buf[got..want], off + got as u64) {
+                    Ok(0) => {
+                        let _ = tx.blocking_send(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "blob shorter than expected",
+                        )));
+                        return;
+                    }
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+            }
+            on_chunk(want as u64);
+            let chunk = Bytes::from_owner(Pooled { buf, len: want, home: home.clone() });
+            if tx.blocking_send(Ok(chunk)).is_err() {
+                return;
+            }
+            off += want as u64;
+        }
+    });
+    body
+}

@@ -24,8 +24,6 @@ use crate::store::RepoKey;
 use crate::upstream::Upstream;
 use crate::AppState;
 
-/// Bytes per read when serving a stored blob.
-const FILE_CHUNK: usize = 256 * 1024;
 /// Blobs (or ranges) up to this size are read inline instead of on the blocking pool.
 const INLINE_READ_MAX: u64 = 64 * 1024;
 
@@ -496,7 +494,10 @@ fn serve_file(
             state.analytics.blob_bytes(true, len);
             body::full(bytes)
         }
-        Source::File(file) => stream_file(state, file, start, len),
+        Source::File(file) => {
+            let analytics = state.analytics.clone();
+            body::file(file, start, len, move |n| analytics.blob_bytes(true, n))
+        }
     };
     let mut r = Response::new(body);
     *r.status_mut() = status;
@@ -508,30 +509,6 @@ fn serve_file(
         }
     }
     Ok(r)
-}
-
-/// A body that reads `len` bytes of `file` from `start` on the blocking pool.
-fn stream_file(state: &AppState, file: std::fs::File, start: u64, len: u64) -> Body {
-    let (tx, body) = body::channel(4);
-    let analytics = state.analytics.clone();
-    // One blocking task per response (not per chunk) reads the file into the channel.
-    tokio::task::spawn_blocking(move || {
-        let mut off = start;
-        let end = start + len;
-        while off < end {
-            let n = (end - off).min(FILE_CHUNK as u64) as usize;
-            let chunk = read_at(&file, off, n);
-            let ok = chunk.is_ok();
-            if let Ok(c) = &chunk {
-                analytics.blob_bytes(true, c.len() as u64);
-            }
-            if tx.blocking_send(chunk).is_err() || !ok {
-                return;
-            }
-            off += n as u64;
-        }
-    });
-    body
 }
 
 fn json_response(status: StatusCode, json: Bytes, head: bool) -> Response<Body> {
