@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of pull-through registry proxies on this machine: wharf, CNCF
+# distribution in proxy mode and an nginx cache (rpardini/docker-registry-proxy recipe),
+# with static nginx and the origin itself as references. Every proxy runs the same
+# scenarios against one seeded origin, interleaved (order rotated per repetition), REPS
+# times; the table shows medians and wharf's ratio to each peer. Loopback only; every load
+# is bounded in time.
+#
+# usage: benches/scenarios.sh [PROXY ...]        (default: wharf distribution nginx)
+# knobs: REPS=3 LOAD_SECONDS=10 CONNS=64 BIG_CLIENTS=8 HERD_CLIENTS=32 OFFLINE_WAIT=12
+#        PORT0=18000 BENCH_WORK=/tmp/wharf-bench (images are kept there between runs)
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+REPO=$(cd "$BENCH_ROOT/.." && pwd)
+REPS=${REPS:-3} LOAD_SECONDS=${LOAD_SECONDS:-10} CONNS=${CONNS:-64}
+BIG_CLIENTS=${BIG_CLIENTS:-8} HERD_CLIENTS=${HERD_CLIENTS:-32} OFFLINE_WAIT=${OFFLINE_WAIT:-12}
+PORT0=${PORT0:-18000}
+WORK=${BENCH_WORK:-/tmp/wharf-bench}
+PROXIES=("$@")
+((${#PROXIES[@]})) || PROXIES=(wharf distribution nginx)
+ORIGIN_PORT=$PORT0 STATIC_PORT=$((PORT0 + 1))
+ORIGIN=http://127.0.0.1:$ORIGIN_PORT
+INDEX_ACCEPT="application/vnd.oci.image.index.v1+json"
+
+# ---- set-up ------------------------------------------------------------------
+need=()
+for t in docker-registry:docker-registry nginx:nginx skopeo:skopeo wrk:wrk ab:apache2-utils curl:curl jq:jq; do
+  command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
+done
+if ((${#need[@]})); then
+  say "installing ${need[*]}"
+  sudo=""; [[ $(id -u) == 0 ]] || sudo=sudo
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+fi
+say "building wharf (release)"
+(cd "$REPO" && cargo build --release --locked -q)
+mkdir -p "$WORK/images"
+RUN=$WORK/run-$(date +%Y%m%dT%H%M%S)
+mkdir -p "$RUN"
+RESULTS=$RUN/results.tsv
+: >"$RESULTS"
+rep=0
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$rep" "$3" >>"$RESULTS"; }
+
+# image NAME SEED SIZES [extra mkimage args]: build once, keep the summary as NAME.json.
+image() {
+  local name=$1 seed=$2 sizes=$3
+  shift 3
+  [[ -s $WORK/images/$name.json ]] && return
+  say "generating image $name ($sizes)"
+  rm -rf "$WORK/images/$name"
+  python3 "$BENCH_ROOT/mkimage.py" --out "$WORK/images/$name" --seed "$seed" --sizes "$sizes" "$@" >"$WORK/images/$name.json"
+}
+image app-1 app-1 4K,64K,1M,4M,16M,32M
+image app-2 app-2 4K,64K,1M,4M,16M,32M
+image base base 4K,2M
+image big big 1G --platforms linux/amd64 --no-attestations
+image herd herd 256M --platforms linux/amd64 --no-attestations
+
+ORIGIN_PID=""
+start_origin() {
+  mkdir -p "$WORK/origin/store"
+  cat >"$WORK/origin/config.yml" <<YML
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $WORK/origin/store
+  cache:
+    blobdescriptor: inmemory
+http:
+  addr: 127.0.0.1:$ORIGIN_PORT
+  secret: bench
+YML
+  docker-registry serve "$WORK/origin/config.yml" >>"$RUN/origin-access.log" 2>>"$RUN/origin.log" </dev/null &
+  ORIGIN_PID=$!
+  ready "$ORIGIN/v2/" 30 || { say "origin did not start"; exit 1; }
+}
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}" "$ORIGIN_PID"; do halt "$p"; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+rm -rf "$WORK/origin"
+start_origin
+push() { skopeo --insecure-policy copy -q --all --preserve-digests --dest-tls-verify=false "oci:$WORK/images/$1:img" "docker://127.0.0.1:$ORIGIN_PORT/$2" >&2; }
+say "seeding the origin"
+push app-1 bench/app:1; push app-1 bench/app:latest
+push app-2 bench/app:2; push app-2 bench/app:latest # the tag moves, as a release would
+push base bench/base:1.0; push big bench/big:latest; push herd bench/herd:latest
+APP_INDEX=$(jq -r .index "$WORK/images/app-2.json")
+BASE_INDEX=$(jq -r .index "$WORK/images/base.json")
+SMALL=$(jq -r '.images["linux/amd64"].layers[0]' "$WORK/images/app-2.json")
+BIG=$(jq -r '.images["linux/amd64"].layers[0]' "$WORK/images/big.json")
+HERD=$(jq -r '.images["linux/amd64"].layers[0]' "$WORK/images/herd.json")
+BIG_SIZE=$(stat -c %s "$WORK/images/big/blobs/sha256/${BIG#sha256:}")
+HERD_SIZE=$(stat -c %s "$WORK/images/herd/blobs/sha256/${HERD#sha256:}")
+
+# ---- measurements --------------------------------------------------------------
+origin_lines() { wc -l <"$RUN/origin-access.log"; }
+origin_requests_since() { echo $(($(origin_lines) - $1)); }
+pull() { # URL-HOST/REPO:TAG DEST -> seconds, or FAIL
+  local t0 t
+  t0=$(clock)
+  rm -rf "$2"
+  if timeout 600 skopeo --insecure-policy copy -q --all --src-tls-verify=false "docker://$1" "oci:$2:x" >>"$RUN/skopeo.log" 2>&1; then
+    t=$(elapsed "$t0"); echo "$t"
+  else echo FAIL; fi
+}
+mbps() { curl -s -o /dev/null -m 600 -w '%{size_download} %{time_total}' "$1" | awk '{ printf "%.0f", $1 / $2 / 1e6 }'; }
+wrk_rate() { # URL -> req/s
+  wrk -t2 -c"$CONNS" -d"${LOAD_SECONDS}s" -H "Accept: $INDEX_ACCEPT" "$1" 2>/dev/null | awk '/^Requests\/sec/ { printf "%.0f", $2 }'
+}
+ab_head_rate() { # URL -> req/s (wrk 4.1 waits for a body after HEAD, so ab)
+  ab -k -i -q -c "$CONNS" -t "$LOAD_SECONDS" -n 100000000 -H "Accept: $INDEX_ACCEPT" "$1" 2>/dev/null |
+    awk '/^Requests per second/ { printf "%.0f", $4 }'
+}
+
+start_proxy() { # NAME PORT -> PID (fresh data dir)
+  local dir=$RUN/data/$1
+  rm -rf "$dir"; mkdir -p "$dir"
+  "$BENCH_ROOT/proxies/$1.sh" "$2" "$ORIGIN" "$dir"
+}
+stop_proxy() { # NAME PID: stop, keep logs, drop data
+  halt "$2"
+  mkdir -p "$RUN/logs"
+  cp "$RUN/data/$1"/*.log "$RUN/logs/" 2>/dev/null || true
+  rm -rf "$RUN/data/$1"
+}
+
+scenarios() { # NAME PORT
+  local name=$1 port=$2 pid n0 host=127.0.0.1:$2 t digest i
+  pid=$(start_proxy "$name" "$port"); PIDS+=("$pid")
+  n0=$(origin_lines); record "$name" a_cold_pull_s "$(pull "$host/bench/app:latest" "$RUN/out")"
+  record "$name" a_cold_pull_origin_requests "$(origin_requests_since "$n0")"
+  n0=$(origin_lines); record "$name" b_warm_pull_s "$(pull "$host/bench/app:latest" "$RUN/out")"
+  record "$name" b_warm_pull_origin_requests "$(origin_requests_since "$n0")"
+  n0=$(origin_lines); record "$name" c_head_tag_rps "$(ab_head_rate "http://$host/v2/bench/app/manifests/latest")"
+  record "$name" c_head_tag_origin_requests "$(origin_requests_since "$n0")"
+  curl -s -o /dev/null -H "Accept: $INDEX_ACCEPT" "http://$host/v2/bench/app/manifests/$APP_INDEX"
+  record "$name" c_get_index_by_digest_rps "$(wrk_rate "http://$host/v2/bench/app/manifests/$APP_INDEX")"
+  curl -s -o /dev/null "http://$host/v2/bench/app/blobs/$SMALL"
+  record "$name" c_get_small_blob_rps "$(wrk_rate "http://$host/v2/bench/app/blobs/$SMALL")"
+  record "$name" f_peak_rss_ac_mib $(($(peak_rss_kib "$pid") / 1024))
+  reset_peak_rss "$pid"
+  t=$(clock); digest=$(curl -s -m 600 "http://$host/v2/bench/big/blobs/$BIG" | sha256sum | cut -d' ' -f1)
+  record "$name" d_cold_big_mbps "$(awk -v s="$BIG_SIZE" -v t="$(elapsed "$t")" 'BEGIN { printf "%.0f", s / t / 1e6 }')"
+  record "$name" d_cold_big_digest "$([[ sha256:$digest == "$BIG" ]] && echo ok || echo BAD)"
+  record "$name" d_cached_big_1_mbps "$(mbps "http://$host/v2/bench/big/blobs/$BIG")"
+  t=$(clock)
+  for i in $(seq "$BIG_CLIENTS"); do curl -s -o /dev/null -m 600 "http://$host/v2/bench/big/blobs/$BIG" & done
+  wait
+  record "$name" d_cached_big_n_mbps "$(awk -v s="$BIG_SIZE" -v n="$BIG_CLIENTS" -v t="$(elapsed "$t")" 'BEGIN { printf "%.0f", n * s / t / 1e6 }')"
+  record "$name" f_peak_rss_d_mib $(($(peak_rss_kib "$pid") / 1024))
+  stop_proxy "$name" "$pid"
+  herd "$name" "$port"
+}
+
+herd() { # NAME PORT: HERD_CLIENTS clients at once on one cold blob, fresh proxy
+  local name=$1 port=$2 pid n0 i dir=$RUN/herd
+  rm -rf "$dir"; mkdir -p "$dir"
+  pid=$(start_proxy "$name" "$port"); PIDS+=("$pid")
+  n0=$(origin_lines)
+  for i in $(seq "$HERD_CLIENTS"); do
+    curl -s -m 600 -o "$dir/$i.body" -w '%{http_code} %{size_download} %{time_starttransfer} %{time_total}\n' \
+      "http://127.0.0.1:$port/v2/bench/herd/blobs/$HERD" >"$dir/$i.out" &
+  done
+  wait
+  tail -n +"$((n0 + 1))" "$RUN/origin-access.log" | grep "GET /v2/bench/herd/blobs/$HERD" >"$dir/origin.log" || true
+  record "$name" e_herd_origin_gets "$(wc -l <"$dir/origin.log")"
+  record "$name" e_herd_origin_mb "$(awk '{ s += $10 } END { printf "%.0f", s / 1e6 }' "$dir/origin.log")"
+  record "$name" e_herd_ttfb_first_s "$(cat "$dir"/*.out | sort -k3 -g | head -1 | awk '{ printf "%.3f", $3 }')"
+  record "$name" e_herd_ttfb_slowest_s "$(cat "$dir"/*.out | sort -k3 -g | tail -1 | awk '{ printf "%.3f", $3 }')"
+  record "$name" e_herd_complete "$(awk -v s="$HERD_SIZE" '$1 == 200 && $2 == s { n++ } END { print n + 0 }' "$dir"/*.out)/$HERD_CLIENTS"
+  record "$name" e_herd_digest "$([[ sha256:$(sha256sum <"$dir/1.body" | cut -d' ' -f1) == "$HERD" ]] && echo ok || echo BAD)"
+  record "$name" f_peak_rss_e_mib $(($(peak_rss_kib "$pid") / 1024))
+  rm -rf "$dir"
+  stop_proxy "$name" "$pid"
+}
+
+references() { # the origin itself and static nginx, once per repetition
+  local big_file=$WORK/images/big/blobs/sha256/${BIG#sha256:} pid t i
+  record origin c_head_tag_rps "$(ab_head_rate "$ORIGIN/v2/bench/app/manifests/latest")"
+  record origin c_get_index_by_digest_rps "$(wrk_rate "$ORIGIN/v2/bench/app/manifests/$APP_INDEX")"
+  record origin c_get_small_blob_rps "$(wrk_rate "$ORIGIN/v2/bench/app/blobs/$SMALL")"
+  record origin d_cold_big_mbps "$(mbps "$ORIGIN/v2/bench/big/blobs/$BIG")"
+  pid=$("$BENCH_ROOT/proxies/static.sh" "$STATIC_PORT" "$big_file" "$RUN/data/static"); PIDS+=("$pid")
+  record static d_cached_big_1_mbps "$(mbps "http://127.0.0.1:$STATIC_PORT/blob")"
+  t=$(clock)
+  for i in $(seq "$BIG_CLIENTS"); do curl -s -o /dev/null -m 600 "http://127.0.0.1:$STATIC_PORT/blob" & done
+  wait
+  record static d_cached_big_n_mbps "$(awk -v s="$BIG_SIZE" -v n="$BIG_CLIENTS" -v t="$(elapsed "$t")" 'BEGIN { printf "%.0f", n * s / t / 1e6 }')"
+  halt "$pid"
+}
+
+offline() { # NAME PORT: warm, lose the origin, pull again
+  local name=$1 port=$2 pid
+  pid=$(start_proxy "$name" "$port"); PIDS+=("$pid")
+  pull "127.0.0.1:$port/bench/base:1.0" "$RUN/out" >/dev/null
+  halt "$ORIGIN_PID"
+  sleep "$OFFLINE_WAIT" # let short tag caches (nginx's 10s) expire: the point of the test
+  record "$name" g_offline_by_tag "$(pull "127.0.0.1:$port/bench/base:1.0" "$RUN/out" | sed 's/^[0-9.]*$/ok/')"
+  record "$name" g_offline_by_digest "$(pull "127.0.0.1:$port/bench/base@$BASE_INDEX" "$RUN/out" | sed 's/^[0-9.]*$/ok/')"
+  stop_proxy "$name" "$pid"
+  start_origin
+}
+
+for rep in $(seq "$REPS"); do
+  say "repetition $rep/$REPS"
+  references
+  n=${#PROXIES[@]}
+  for i in $(seq 0 $((n - 1))); do
+    name=${PROXIES[$(((i + rep - 1) % n))]}
+    say "  $name"
+    scenarios "$name" $((PORT0 + 10 + i))
+  done
+done
+rep=1
+for i in "${!PROXIES[@]}"; do
+  say "offline: ${PROXIES[$i]}"
+  offline "${PROXIES[$i]}" $((PORT0 + 10 + i))
+done
+python3 "$BENCH_ROOT/report.py" "$RESULTS" "${PROXIES[@]}" | tee "$RUN/report.md"
+say "results: $RESULTS, report: $RUN/report.md"
