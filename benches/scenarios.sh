@@ -114,6 +114,12 @@ pull() { # URL-HOST/REPO:TAG DEST -> seconds, or FAIL
   else echo FAIL; fi
 }
 mbps() { curl -s -o /dev/null -m 600 -w '%{size_download} %{time_total}' "$1" | awk '{ printf "%.0f", $1 / $2 / 1e6 }'; }
+hashed_mbps() { # URL of the big blob -> MB/s of a GET piped through sha256sum; digest check in last-digest
+  local t digest
+  t=$(clock); digest=$(curl -s -m 600 "$1" | sha256sum | cut -d' ' -f1)
+  [[ sha256:$digest == "$BIG" ]] && echo ok >"$RUN/last-digest" || echo BAD >"$RUN/last-digest"
+  awk -v s="$BIG_SIZE" -v t="$(elapsed "$t")" 'BEGIN { printf "%.0f", s / t / 1e6 }'
+}
 wrk_rate() { # URL -> req/s
   wrk -t2 -c"$CONNS" -d"${LOAD_SECONDS}s" -H "Accept: $INDEX_ACCEPT" "$1" 2>/dev/null | awk '/^Requests\/sec/ { printf "%.0f", $2 }'
 }
@@ -149,13 +155,16 @@ scenarios() { # NAME PORT
   record "$name" c_get_small_blob_rps "$(wrk_rate "http://$host/v2/bench/app/blobs/$SMALL")"
   record "$name" f_peak_rss_ac_mib $(($(peak_rss_kib "$pid") / 1024))
   reset_peak_rss "$pid"
-  t=$(clock); digest=$(curl -s -m 600 "http://$host/v2/bench/big/blobs/$BIG" | sha256sum | cut -d' ' -f1)
-  record "$name" d_cold_big_mbps "$(awk -v s="$BIG_SIZE" -v t="$(elapsed "$t")" 'BEGIN { printf "%.0f", s / t / 1e6 }')"
-  record "$name" d_cold_big_digest "$([[ sha256:$digest == "$BIG" ]] && echo ok || echo BAD)"
+  record "$name" d_cold_big_mbps "$(hashed_mbps "http://$host/v2/bench/big/blobs/$BIG")"
+  record "$name" d_cold_big_digest "$(cat "$RUN/last-digest")"
   record "$name" d_cached_big_1_mbps "$(mbps "http://$host/v2/bench/big/blobs/$BIG")"
   t=$(clock)
-  for i in $(seq "$BIG_CLIENTS"); do curl -s -o /dev/null -m 600 "http://$host/v2/bench/big/blobs/$BIG" & done
-  wait
+  clients=()
+  for i in $(seq "$BIG_CLIENTS"); do
+    curl -s -o /dev/null -m 600 "http://$host/v2/bench/big/blobs/$BIG" &
+    clients+=($!)
+  done
+  wait "${clients[@]}" # only the clients: the origin is a background job too
   record "$name" d_cached_big_n_mbps "$(awk -v s="$BIG_SIZE" -v n="$BIG_CLIENTS" -v t="$(elapsed "$t")" 'BEGIN { printf "%.0f", n * s / t / 1e6 }')"
   record "$name" f_peak_rss_d_mib $(($(peak_rss_kib "$pid") / 1024))
   stop_proxy "$name" "$pid"
@@ -167,11 +176,13 @@ herd() { # NAME PORT: HERD_CLIENTS clients at once on one cold blob, fresh proxy
   rm -rf "$dir"; mkdir -p "$dir"
   pid=$(start_proxy "$name" "$port"); PIDS+=("$pid")
   n0=$(origin_lines)
+  clients=()
   for i in $(seq "$HERD_CLIENTS"); do
     curl -s -m 600 -o "$dir/$i.body" -w '%{http_code} %{size_download} %{time_starttransfer} %{time_total}\n' \
       "http://127.0.0.1:$port/v2/bench/herd/blobs/$HERD" >"$dir/$i.out" &
+    clients+=($!)
   done
-  wait
+  wait "${clients[@]}"
   tail -n +"$((n0 + 1))" "$RUN/origin-access.log" | grep "GET /v2/bench/herd/blobs/$HERD" >"$dir/origin.log" || true
   record "$name" e_herd_origin_gets "$(wc -l <"$dir/origin.log")"
   record "$name" e_herd_origin_mb "$(awk '{ s += $10 } END { printf "%.0f", s / 1e6 }' "$dir/origin.log")"
@@ -189,12 +200,16 @@ references() { # the origin itself and static nginx, once per repetition
   record origin c_head_tag_rps "$(ab_head_rate "$ORIGIN/v2/bench/app/manifests/latest")"
   record origin c_get_index_by_digest_rps "$(wrk_rate "$ORIGIN/v2/bench/app/manifests/$APP_INDEX")"
   record origin c_get_small_blob_rps "$(wrk_rate "$ORIGIN/v2/bench/app/blobs/$SMALL")"
-  record origin d_cold_big_mbps "$(mbps "$ORIGIN/v2/bench/big/blobs/$BIG")"
+  record origin d_cold_big_mbps "$(hashed_mbps "$ORIGIN/v2/bench/big/blobs/$BIG")"
   pid=$("$BENCH_ROOT/proxies/static.sh" "$STATIC_PORT" "$big_file" "$RUN/data/static"); PIDS+=("$pid")
   record static d_cached_big_1_mbps "$(mbps "http://127.0.0.1:$STATIC_PORT/blob")"
   t=$(clock)
-  for i in $(seq "$BIG_CLIENTS"); do curl -s -o /dev/null -m 600 "http://127.0.0.1:$STATIC_PORT/blob" & done
-  wait
+  clients=()
+  for i in $(seq "$BIG_CLIENTS"); do
+    curl -s -o /dev/null -m 600 "http://127.0.0.1:$STATIC_PORT/blob" &
+    clients+=($!)
+  done
+  wait "${clients[@]}"
   record static d_cached_big_n_mbps "$(awk -v s="$BIG_SIZE" -v n="$BIG_CLIENTS" -v t="$(elapsed "$t")" 'BEGIN { printf "%.0f", n * s / t / 1e6 }')"
   halt "$pid"
 }

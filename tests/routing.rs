@@ -51,7 +51,7 @@ fn mirror(u: &Upstreams) -> Wharf {
         r#"
 [[upstreams]]
 name = "docker.io"
-aliases = ["index.docker.io"]
+aliases = ["index.docker.io", "registry.internal:5000"]
 url = "{}"
 insecure = true
 
@@ -98,6 +98,11 @@ async fn each_routing_form_reaches_the_right_upstream() {
     assert_eq!(head(&w, "/v2/org/app/manifests/1?ns=ghcr.io").await, (200, u.b_app.index.clone()));
     assert_eq!(head(&w, "/v2/org/app/manifests/1?ns=docker.io").await, (200, u.a_app.index.clone()));
     assert_eq!(head(&w, "/v2/org/app/manifests/1?ns=index.docker.io").await, (200, u.a_app.index.clone()));
+    // A registry on another port: containerd sends host:port, which only an alias can hold.
+    assert_eq!(
+        head(&w, "/v2/org/app/manifests/1?ns=registry.internal:5000").await,
+        (200, u.a_app.index.clone())
+    );
     // Path prefix (registries.conf prefix mirrors, plain docker tags).
     assert_eq!(head(&w, "/v2/ghcr.io/org/app/manifests/1").await, (200, u.b_app.index.clone()));
     assert_eq!(head(&w, "/v2/docker.io/org/app/manifests/1").await, (200, u.a_app.index.clone()));
