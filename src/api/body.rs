@@ -46,7 +46,7 @@ pub fn channel(depth: usize) -> (mpsc::Sender<io::Result<Bytes>>, Body) {
 /// Bytes per read when streaming a stored file.
 const FILE_CHUNK: usize = 512 * 1024;
 /// Buffers one file response may have in flight (being read, queued, or being written).
-const FILE_BUFFERS: usize = 3;
+const FILE_BUFFERS: usize = 2;
 
 /// A read buffer that goes back to its response's ring when hyper is done with it, so a
 /// long transfer reuses a few warm buffers instead of allocating every chunk.

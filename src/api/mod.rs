@@ -407,7 +407,8 @@ async fn blob_get(
             }
         }
         (BlobSource::Filling { fill, size, .. }, None) => {
-            let (tx, body) = body::channel(4);
+            // Each client of a download holds at most one chunk queued: herds stay small.
+            let (tx, body) = body::channel(1);
             let analytics = state.analytics.clone();
             fill.stream(tx, move |n| analytics.blob_bytes(false, n));
             let mut r = Response::new(body);

@@ -64,7 +64,9 @@ fn put<T: Serialize>(tree: &sled::Tree, key: impl AsRef<[u8]>, v: &T) -> sled::R
 
 impl Index {
     pub fn open(path: &Path) -> sled::Result<Index> {
-        let db = sled::Config::new().path(path).cache_capacity(16 * 1024 * 1024).open()?;
+        // The index is small and hot paths are served from memory elsewhere: a small page
+        // cache keeps the process within its memory budget.
+        let db = sled::Config::new().path(path).cache_capacity(4 * 1024 * 1024).open()?;
         Ok(Index {
             blobs: db.open_tree("blobs")?,
             tags: db.open_tree("tags")?,
