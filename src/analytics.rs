@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
@@ -99,7 +99,7 @@ pub struct ManifestServed<'a> {
 }
 
 /// Today (UTC) as `YYYY-MM-DD`.
-pub fn today() -> String {
+fn today() -> String {
     day_of(SystemTime::now())
 }
 
@@ -369,9 +369,10 @@ pub fn report(store: &Store, n: usize, since: Option<&str>) -> Result<Report, St
     })
 }
 
-/// Days since the epoch, for tests that need a date.
-pub fn day_for_unix_secs(secs: u64) -> String {
-    day_of(UNIX_EPOCH + Duration::from_secs(secs))
+/// The day of a unix time, for tests that need a date.
+#[cfg(test)]
+fn day_for_unix_secs(secs: u64) -> String {
+    day_of(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 #[cfg(test)]

@@ -44,6 +44,18 @@ async fn raw(w: &Wharf, method: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// A fake upstream holding `app:latest`, a small image manifest; returns its digest too.
+async fn fake_with_latest() -> (Fake, String) {
+    let fake = Fake::start().await;
+    let m = fake.manifest(
+        "app",
+        Some("latest"),
+        OCI_MANIFEST,
+        br#"{"schemaVersion":2,"config":{},"layers":[]}"#.to_vec(),
+    );
+    (fake, m)
+}
+
 fn blob_file(w: &Wharf, digest: &str) -> std::path::PathBuf {
     let hex = digest.trim_start_matches("sha256:");
     w.data.join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
@@ -121,13 +133,7 @@ async fn cold_blob_is_fetched_once_for_concurrent_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_tag_revalidations_share_one_upstream_head() {
-    let fake = Fake::start().await;
-    let m = fake.manifest(
-        "app",
-        Some("latest"),
-        OCI_MANIFEST,
-        br#"{"schemaVersion":2,"config":{},"layers":[]}"#.to_vec(),
-    );
+    let (fake, m) = fake_with_latest().await;
     let w = Wharf::start(&fake.url(), "");
     let url = w.url("/v2/app/manifests/latest");
     assert_eq!(get_all(&url).await.expect("warm").0, 200);
@@ -220,13 +226,7 @@ async fn redirected_blob_gets_no_authorization_header() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tag_is_served_stale_when_upstream_fails() {
-    let fake = Fake::start().await;
-    let m = fake.manifest(
-        "app",
-        Some("latest"),
-        OCI_MANIFEST,
-        br#"{"schemaVersion":2,"config":{},"layers":[]}"#.to_vec(),
-    );
+    let (fake, m) = fake_with_latest().await;
     fake.manifest(
         "app",
         Some("never-cached"),
@@ -432,13 +432,7 @@ async fn index_is_negotiated_for_clients_that_cannot_read_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tag_ttl_serves_a_fresh_tag_without_asking_upstream() {
-    let fake = Fake::start().await;
-    let m = fake.manifest(
-        "app",
-        Some("latest"),
-        OCI_MANIFEST,
-        br#"{"schemaVersion":2,"config":{},"layers":[]}"#.to_vec(),
-    );
+    let (fake, m) = fake_with_latest().await;
     let w = Wharf::start(&fake.url(), "tag_ttl = \"1h\"");
     let url = w.url("/v2/app/manifests/latest");
     for _ in 0..3 {

@@ -218,6 +218,12 @@ async fn tags_and_catalog_come_from_upstream_then_from_cache() {
     assert_eq!(v["repositories"], serde_json::json!(["org/app"]));
 }
 
+/// `skopeo copy --all` of `src` into a new OCI layout, resolving registries with `conf`.
+fn skopeo_copy_with_conf(conf: &str, src: &str, out: &std::path::Path) -> Result<String, String> {
+    let dest = format!("oci:{}:x", out.display());
+    skopeo_try(&["--registries-conf", conf, "copy", "-q", "--all", "--preserve-digests", src, &dest])
+}
+
 /// A registries.conf for skopeo.
 fn registries_conf(dir: &std::path::Path, body: &str) -> String {
     let f = dir.join("registries.conf");
@@ -237,17 +243,8 @@ async fn skopeo_pulls_through_a_registries_conf_mirror_and_a_prefix_mirror() {
         &format!("[[registry]]\nlocation = \"docker.io\"\n[[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n", w.host()),
     );
     let out = work.path().join("mirror");
-    skopeo_try(&[
-        "--registries-conf",
-        &conf,
-        "copy",
-        "-q",
-        "--all",
-        "--preserve-digests",
-        "docker://docker.io/org/app:1",
-        &format!("oci:{}:x", out.display()),
-    ])
-    .expect("skopeo through a docker.io mirror");
+    skopeo_copy_with_conf(&conf, "docker://docker.io/org/app:1", &out)
+        .expect("skopeo through a docker.io mirror");
     assert_eq!(layout_top_digest(&out), u.a_app.index);
     assert_eq!(layout_blobs(&out), u.a_app.blobs.iter().cloned().collect::<BTreeSet<_>>());
 
@@ -260,17 +257,7 @@ async fn skopeo_pulls_through_a_registries_conf_mirror_and_a_prefix_mirror() {
         ),
     );
     let out = work.path().join("prefix");
-    skopeo_try(&[
-        "--registries-conf",
-        &conf,
-        "copy",
-        "-q",
-        "--all",
-        "--preserve-digests",
-        "docker://ghcr.io/org/app:1",
-        &format!("oci:{}:x", out.display()),
-    ])
-    .expect("skopeo through a prefix mirror");
+    skopeo_copy_with_conf(&conf, "docker://ghcr.io/org/app:1", &out).expect("skopeo through a prefix mirror");
     assert_eq!(layout_top_digest(&out), u.b_app.index);
     assert_eq!(layout_blobs(&out), u.b_app.blobs.iter().cloned().collect::<BTreeSet<_>>());
 

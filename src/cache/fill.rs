@@ -24,8 +24,9 @@ use super::{Cache, CacheError};
 const CHUNK: usize = 128 * 1024;
 /// Bytes the spool writer gathers before one write (and one progress notice).
 const WRITE_BATCH: usize = 1024 * 1024;
-/// Received chunks queued for the spool writer.
-const WRITE_QUEUE: usize = 64;
+/// Received chunks queued for the spool writer. Small on purpose: each chunk can pin the
+/// whole read buffer it was cut from (hundreds of KiB), so a long queue costs memory.
+const WRITE_QUEUE: usize = 4;
 
 /// Where a fill is.
 #[derive(Clone, Debug)]
