@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, watch};
 
@@ -20,13 +20,8 @@ use crate::upstream::{error_chain, Upstream, UpstreamError};
 
 use super::{Cache, CacheError};
 
-/// Most a reader sends per chunk.
+/// Most a reader sends per chunk, and a quarter of what the writer batches per write.
 const CHUNK: usize = 128 * 1024;
-/// Bytes the spool writer gathers before one write (and one progress notice).
-const WRITE_BATCH: usize = 1024 * 1024;
-/// Received chunks queued for the spool writer. Small on purpose: each chunk can pin the
-/// whole read buffer it was cut from (hundreds of KiB), so a long queue costs memory.
-const WRITE_QUEUE: usize = 4;
 
 /// Where a fill is.
 #[derive(Clone, Debug)]
@@ -141,39 +136,6 @@ impl Fill {
     }
 }
 
-/// The spool writer: hashes and writes what the network side receives, in batches through
-/// one reused buffer, publishing progress after each write. Returns the file, the hasher
-/// and the byte count once the network side is done.
-fn write_spool(
-    mut file: File,
-    mut inbox: mpsc::Receiver<Bytes>,
-    size: Option<u64>,
-    progress: &watch::Sender<FillState>,
-) -> io::Result<(File, Sha256, u64)> {
-    let mut hasher = Sha256::new();
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    let mut written = 0u64;
-    while let Some(first) = inbox.blocking_recv() {
-        hasher.update(&first);
-        batch.extend_from_slice(&first);
-        // Take what else has arrived, up to a batch.
-        while batch.len() < WRITE_BATCH {
-            match inbox.try_recv() {
-                Ok(c) => {
-                    hasher.update(&c);
-                    batch.extend_from_slice(&c);
-                }
-                Err(_) => break,
-            }
-        }
-        file.write_all(&batch)?;
-        written += batch.len() as u64;
-        batch.clear();
-        progress.send_replace(FillState::Streaming { size, written });
-    }
-    Ok((file, hasher, written))
-}
-
 /// Reads `len` bytes at `off` into a new buffer.
 pub fn read_at(file: &File, off: u64, len: usize) -> io::Result<Bytes> {
     let mut buf = BytesMut::zeroed(len);
@@ -266,35 +228,51 @@ impl FillJob {
         let resp = self.up.get_blob(&self.repo, &self.digest).await?;
         let size = resp.content_length();
         self.tx.send_replace(FillState::Streaming { size, written: 0 });
-        // Receiving and writing overlap: the network side hands chunks to a writer on the
-        // blocking pool, so the upstream socket keeps draining while bytes hit the disk.
-        let (chunks, inbox) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-        let progress = self.tx.clone();
-        let writer = tokio::task::spawn_blocking(move || write_spool(file, inbox, size, &progress));
         let mut stream = resp.bytes_stream();
-        let mut received = 0u64;
-        let received_all = loop {
-            match stream.next().await {
-                None => break Ok(()),
-                Some(Ok(c)) => {
-                    received += c.len() as u64;
-                    if size.is_some_and(|s| received > s) {
-                        break Err(UpstreamError::Invalid("blob body longer than its Content-Length".into()));
-                    }
-                    self.up.count_body_bytes(c.len() as u64);
-                    if chunks.send(c).await.is_err() {
-                        break Ok(()); // the writer failed; its error is reported below
-                    }
-                }
+        let mut written = 0u64;
+        let mut sink = Some((file, Sha256::new()));
+        loop {
+            let first = match stream.next().await {
+                None => break,
+                Some(Ok(c)) => c,
                 Some(Err(e)) => {
-                    break Err(UpstreamError::Unavailable(format!("blob body cut: {}", error_chain(&e))))
+                    return Err(
+                        UpstreamError::Unavailable(format!("blob body cut: {}", error_chain(&e))).into()
+                    )
+                }
+            };
+            // Batch what has already arrived into one blocking write.
+            let mut batch = BytesMut::from(&first[..]);
+            while batch.len() < CHUNK * 4 {
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(c))) => batch.extend_from_slice(&c),
+                    Some(Some(Err(e))) => {
+                        return Err(
+                            UpstreamError::Unavailable(format!("blob body cut: {}", error_chain(&e))).into()
+                        )
+                    }
+                    Some(None) | None => break,
                 }
             }
-        };
-        drop(chunks);
-        let written = writer.await.map_err(|e| CacheError::Internal(e.to_string()))?;
-        received_all?;
-        let (f, h, written) = written.map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?;
+            let n = batch.len() as u64;
+            if size.is_some_and(|s| written + n > s) {
+                return Err(UpstreamError::Invalid("blob body longer than its Content-Length".into()).into());
+            }
+            let (mut f, mut h) = sink.take().ok_or_else(|| CacheError::Internal("spool lost".into()))?;
+            let (f, h, res) = tokio::task::spawn_blocking(move || {
+                h.update(&batch);
+                let res = f.write_all(&batch);
+                (f, h, res)
+            })
+            .await
+            .map_err(|e| CacheError::Internal(e.to_string()))?;
+            res.map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?;
+            sink = Some((f, h));
+            written += n;
+            self.up.count_body_bytes(n);
+            self.tx.send_replace(FillState::Streaming { size, written });
+        }
+        let (f, h) = sink.ok_or_else(|| CacheError::Internal("spool lost".into()))?;
         let got = Digest::from_hasher(h);
         if got != self.digest {
             return Err(CacheError::DigestMismatch { want: self.digest.clone(), got });
