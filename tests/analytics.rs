@@ -6,8 +6,8 @@ mod common;
 use std::process::{Command, Stdio};
 
 use common::fake::Fake;
-use common::image::{write_layout, OCI_INDEX, OCI_MANIFEST};
-use common::{metric_sum, push, skopeo_try, wait_until, Registry, Wharf};
+use common::image::{OCI_INDEX, OCI_MANIFEST};
+use common::{metric_sum, skopeo_try, wait_until, Registry, Wharf};
 
 const LAYERS: &[usize] = &[2048, 64 * 1024];
 
@@ -35,11 +35,9 @@ async fn pulls(w: &Wharf, labels: &[(&str, &str)]) -> f64 {
 async fn pulls_are_counted_by_tag_and_platform_and_survive_a_restart() {
     let reg = Registry::start();
     let work = tempfile::tempdir().expect("tempdir");
-    let v1 = write_layout(&work.path().join("v1"), "stats-1", "img", LAYERS);
-    push(&work.path().join("v1"), "img", &format!("{}/demo/app:latest", reg.addr));
+    let v1 = reg.seed(work.path(), "stats-1", "demo/app:latest", LAYERS);
     // Pushed under a tag no client will ask wharf for: pulled by digest only.
-    let v2 = write_layout(&work.path().join("v2"), "stats-2", "img", LAYERS);
-    push(&work.path().join("v2"), "img", &format!("{}/demo/app:unseen", reg.addr));
+    let v2 = reg.seed(work.path(), "stats-2", "demo/app:unseen", LAYERS);
     let mut w = Wharf::start(&reg.url(), "");
 
     pull_platform(&w, "demo/app:latest", "arm64", &work.path().join("o1"));
@@ -132,8 +130,7 @@ async fn series_beyond_the_cap_are_folded() {
 async fn prometheus_scrapes_wharf_and_promql_counts_the_pulls() {
     let reg = Registry::start();
     let work = tempfile::tempdir().expect("tempdir");
-    write_layout(&work.path().join("l"), "prom", "img", LAYERS);
-    push(&work.path().join("l"), "img", &format!("{}/demo/app:latest", reg.addr));
+    reg.seed(work.path(), "prom", "demo/app:latest", LAYERS);
     let w = Wharf::with_config(&format!(
         "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[[upstreams]]\nname = \"registry.test\"\nurl = \"{}\"\ninsecure = true\n",
         reg.url()

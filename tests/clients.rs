@@ -7,8 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use common::image::{write_layout, write_layout_with};
-use common::{push, wait_for, Registry, Wharf};
+use common::{wait_for, Registry, Wharf};
 
 const LAYERS: &[usize] = &[2048, 256 * 1024];
 
@@ -122,10 +121,8 @@ fn hosts_dir(root: &Path, registry: &str, wharf: &Wharf) -> PathBuf {
 fn containerd_pulls_through_a_hosts_toml_mirror_with_ns() {
     let reg = Registry::start();
     let work = tempfile::tempdir().expect("tempdir");
-    let img = write_layout(&work.path().join("l"), "ctr", "img", LAYERS);
-    push(&work.path().join("l"), "img", &format!("{}/demo/app:latest", reg.addr));
-    let plain = write_layout_with(&work.path().join("p"), "ctr-plain", "img", LAYERS, false);
-    push(&work.path().join("p"), "img", &format!("{}/demo/plain:latest", reg.addr));
+    let img = reg.seed(work.path(), "ctr", "demo/app:latest", LAYERS);
+    let plain = reg.seed_with(work.path(), "ctr-plain", "demo/plain:latest", LAYERS, false);
     let w = Wharf::start(&reg.url(), "");
     let ctd = Containerd::start();
     let hosts = hosts_dir(work.path(), "registry.test", &w);
@@ -206,8 +203,7 @@ fn docker_bin() -> &'static str {
 fn docker_daemon_pulls_an_unqualified_name_through_its_registry_mirror() {
     let reg = Registry::start();
     let work = tempfile::tempdir().expect("tempdir");
-    let img = write_layout(&work.path().join("l"), "dockerd", "img", LAYERS);
-    push(&work.path().join("l"), "img", &format!("{}/library/demo:latest", reg.addr));
+    let img = reg.seed(work.path(), "dockerd", "library/demo:latest", LAYERS);
     let w = Wharf::with_config(&format!(
         "[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ninsecure = true\n",
         reg.url()

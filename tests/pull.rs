@@ -6,8 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use common::image::write_layout;
-use common::{layout_blobs, layout_top_digest, pull, push, Registry, Wharf};
+use common::{layout_blobs, layout_top_digest, pull, Registry, Wharf};
 
 /// Layer payload sizes per platform: small, medium, a couple of MiB.
 const LAYERS: &[usize] = &[4 * 1024, 300 * 1024, 2 * 1024 * 1024];
@@ -25,8 +24,7 @@ fn history_digests(v: &serde_json::Value) -> Vec<String> {
 async fn multi_platform_image_pulls_byte_identical_and_history_follows_a_retag() {
     let mut reg = Registry::start();
     let work = tempfile::tempdir().expect("tempdir");
-    let v1 = write_layout(&work.path().join("v1"), "app-v1", "img", LAYERS);
-    push(&work.path().join("v1"), "img", &format!("{}/demo/app:latest", reg.addr));
+    let v1 = reg.seed(work.path(), "app-v1", "demo/app:latest", LAYERS);
     let w = Wharf::start(&reg.url(), "");
 
     // Cold pull through wharf: every digest is the upstream's.
@@ -54,8 +52,7 @@ async fn multi_platform_image_pulls_byte_identical_and_history_follows_a_retag()
     assert!(w.metric("wharf_manifest_requests_total", &[("result", "revalidated")]).await >= 1.0);
 
     // The tag moves upstream; wharf follows and keeps the history.
-    let v2 = write_layout(&work.path().join("v2"), "app-v2", "img", LAYERS);
-    push(&work.path().join("v2"), "img", &format!("{}/demo/app:latest", reg.addr));
+    let v2 = reg.seed(work.path(), "app-v2", "demo/app:latest", LAYERS);
     let out = work.path().join("out3");
     pull(&format!("{}/demo/app:latest", w.host()), &out).expect("pull after retag");
     assert_eq!(layout_top_digest(&out), v2.index, "the new index is served");
@@ -113,8 +110,7 @@ async fn multi_platform_image_pulls_byte_identical_and_history_follows_a_retag()
 async fn stock_registry_serves_wharfs_data_dir() {
     let reg = Registry::start();
     let work = tempfile::tempdir().expect("tempdir");
-    let img = write_layout(&work.path().join("base"), "base-1", "img", LAYERS);
-    push(&work.path().join("base"), "img", &format!("{}/demo/base:1.0", reg.addr));
+    let img = reg.seed(work.path(), "base-1", "demo/base:1.0", LAYERS);
     let mut w = Wharf::start(&reg.url(), "");
     pull(&format!("{}/demo/base:1.0", w.host()), &work.path().join("through")).expect("pull through wharf");
     assert!(w.stop().success(), "clean exit on SIGTERM");

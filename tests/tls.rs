@@ -9,8 +9,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
 use common::fake::{BlobMode, Fake};
-use common::image::{noise, sha256, write_layout};
-use common::{layout_blobs, layout_top_digest, push, skopeo_try, wait_until, Registry, Wharf};
+use common::image::{noise, sha256};
+use common::{layout_blobs, layout_top_digest, skopeo_try, wait_until, Registry, Wharf};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
 
 /// A CA and a certificate it signed for 127.0.0.1 and localhost.
@@ -64,8 +64,7 @@ fn client(ca: &str, http1: bool) -> reqwest::Client {
 async fn clients_pull_over_https_with_the_test_ca() {
     let reg = Registry::start();
     let work = tempfile::tempdir().expect("tempdir");
-    let img = write_layout(&work.path().join("l"), "tls", "img", &[4096, 200_000]);
-    push(&work.path().join("l"), "img", &format!("{}/demo/app:latest", reg.addr));
+    let img = reg.seed(work.path(), "tls", "demo/app:latest", &[4096, 200_000]);
     let p = pki("one");
     install(work.path(), &p);
     let w = Wharf::with_config(&tls_config(work.path(), &reg.url()));

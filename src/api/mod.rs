@@ -1,6 +1,6 @@
 //! The HTTP surface: parses the route, asks the cache, and builds every client response.
 
-mod body;
+pub mod body;
 mod error;
 mod route;
 

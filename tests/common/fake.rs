@@ -5,22 +5,18 @@ use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body::Frame;
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::image::sha256;
 
-type Body = UnsyncBoxBody<Bytes, io::Error>;
+use wharf::api::Body;
 
 /// How manifest requests misbehave.
 #[derive(Clone, Debug, PartialEq)]
@@ -177,7 +173,7 @@ impl Fake {
 }
 
 fn full(status: u16, headers: &[(&str, String)], body: Vec<u8>) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
+    let mut r = Response::new(wharf::api::body::full(body));
     *r.status_mut() = StatusCode::from_u16(status).expect("status");
     for (k, v) in headers {
         r.headers_mut().insert(
@@ -186,19 +182,6 @@ fn full(status: u16, headers: &[(&str, String)], body: Vec<u8>) -> Response<Body
         );
     }
     r
-}
-
-struct ChannelBody(mpsc::Receiver<io::Result<Bytes>>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = io::Error;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.0.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
-    }
 }
 
 async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Response<Body> {
@@ -332,7 +315,7 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
                 BlobMode::RedirectTo(to) => full(307, &[("location", to)], vec![]),
                 BlobMode::WrongGatedAfter(..) => unreachable!("mapped to GatedAfter above"),
                 BlobMode::CutAfter(k) | BlobMode::GatedAfter(k) => {
-                    let (tx, rx) = mpsc::channel(4);
+                    let (tx, body) = wharf::api::body::channel(4);
                     let gate = st.gate.lock().expect("lock").as_ref().map(|g| g.subscribe());
                     let cut = matches!(mode, BlobMode::CutAfter(_));
                     let total = bytes.len();
@@ -352,7 +335,7 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
                             }
                         }
                     });
-                    let mut r = Response::new(ChannelBody(rx).boxed_unsync());
+                    let mut r = Response::new(body);
                     r.headers_mut().insert("content-length", total.to_string().parse().expect("len"));
                     r
                 }

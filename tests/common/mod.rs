@@ -138,6 +138,27 @@ impl Registry {
         format!("http://{}", self.addr)
     }
 
+    /// Writes a multi-platform image (with attestations) under `work/<seed>` and pushes it
+    /// as `reference` (`repo:tag`).
+    pub fn seed(&self, work: &Path, seed: &str, reference: &str, sizes: &[usize]) -> image::Layout {
+        self.seed_with(work, seed, reference, sizes, true)
+    }
+
+    /// [`Registry::seed`], with or without attestation manifests.
+    pub fn seed_with(
+        &self,
+        work: &Path,
+        seed: &str,
+        reference: &str,
+        sizes: &[usize],
+        attest: bool,
+    ) -> image::Layout {
+        let dir = work.join(seed);
+        let layout = image::write_layout_with(&dir, seed, "img", sizes, attest);
+        push(&dir, "img", &format!("{}/{reference}", self.addr));
+        layout
+    }
+
     /// Stops the registry (the upstream goes away).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
