@@ -14,7 +14,8 @@
 //!
 //! Around them: [`config`] (layered configuration), [`server`] (accept loop, TLS with
 //! certificate reload, graceful shutdown), [`metrics`] (every metric, defined once), [`oci`]
-//! (the grammar's newtypes). [`api::resolve`] is where a request finds its upstream.
+//! (the grammar's newtypes), [`zerocopy`] (stored blobs sent by `sendfile` on plain-TCP
+//! HTTP/1 connections). [`api::resolve`] is where a request finds its upstream.
 
 pub mod analytics;
 pub mod api;
@@ -26,6 +27,7 @@ pub mod oci;
 pub mod server;
 pub mod store;
 pub mod upstream;
+pub mod zerocopy;
 
 use std::sync::Arc;
 

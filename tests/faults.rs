@@ -322,6 +322,44 @@ async fn range_requests_on_cached_blobs() {
     assert_eq!(fake.count("GET", &d), 1, "ranges are served from cache");
 }
 
+/// Stored blobs over 64 KiB go out as slices of a file mapping, sent with sendfile on
+/// plain HTTP/1 and copied on HTTP/2: byte-exact across chunk boundaries, at unaligned
+/// offsets, and with requests before and after on the same keep-alive connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_cached_blobs_are_byte_exact_over_http1_and_http2() {
+    let fake = Fake::start().await;
+    let bytes = noise("large", 9 * 1024 * 1024 + 4097);
+    let d = fake.blob(bytes.clone());
+    let w = Wharf::start(&fake.url(), "");
+    let url = w.url(&format!("/v2/app/blobs/{d}"));
+    assert_eq!(get_all(&url).await.expect("fill").1, bytes);
+
+    let h1 = reqwest::Client::builder().http1_only().pool_max_idle_per_host(1).build().expect("client");
+    for _ in 0..2 {
+        let r = h1.get(&url).send().await.expect("cached GET");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-length"], bytes.len().to_string().as_str());
+        assert_eq!(sha256(&r.bytes().await.expect("body")), d);
+        let r = h1.get(w.url("/v2/")).send().await.expect("small request on the same connection");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.expect("body"), "{}");
+    }
+    // A range starting off a page boundary and crossing a 4 MiB chunk boundary.
+    let (a, b) = (4 * 1024 * 1024 - 1001, 8 * 1024 * 1024 + 333);
+    let r = h1.get(&url).header("range", format!("bytes={a}-{b}")).send().await.expect("range");
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.expect("body").to_vec(), bytes[a..=b].to_vec());
+    // Two at once on two connections, and over HTTP/2.
+    let (x, y) = tokio::join!(get_all(&url), get_all(&url));
+    assert_eq!(sha256(&x.expect("first").1), d);
+    assert_eq!(sha256(&y.expect("second").1), d);
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().expect("client");
+    let r = h2.get(&url).send().await.expect("h2 GET");
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(sha256(&r.bytes().await.expect("body")), d);
+    assert_eq!(fake.count("GET", &d), 1, "served from cache");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_changes_nothing() {
     let fake = Fake::start().await;

@@ -119,3 +119,78 @@ pub fn file(file: std::fs::File, start: u64, len: u64, on_chunk: impl Fn(u64) + 
     });
     body
 }
+
+/// Bytes per chunk of a mapped body: the unit of read-ahead and of byte accounting.
+const MAPPED_CHUNK: usize = 4 * 1024 * 1024;
+
+/// A body sending `len` (> 0) bytes of the blob file `file` from `start` as slices of one
+/// mapping registered in `regions`, so the connection sends them with `sendfile` (see
+/// [`crate::zerocopy`]). No thread and no buffer per response: read-ahead is asked for
+/// one chunk ahead of the one handed to hyper.
+pub fn mapped(
+    regions: &std::sync::Arc<crate::zerocopy::Regions>,
+    file: std::fs::File,
+    start: u64,
+    len: u64,
+    on_chunk: impl Fn(u64) + Send + Unpin + 'static,
+) -> io::Result<Body> {
+    let file = std::sync::Arc::new(file);
+    let len = usize::try_from(len).map_err(io::Error::other)?;
+    let whole = regions.map(file.clone(), start, len)?;
+    let body = MappedBody { whole, sent: 0, file, start, on_chunk };
+    body.read_ahead(0);
+    Ok(body.boxed_unsync())
+}
+
+struct MappedBody<F> {
+    whole: Bytes,
+    sent: usize,
+    file: std::sync::Arc<std::fs::File>,
+    start: u64,
+    on_chunk: F,
+}
+
+impl<F> MappedBody<F> {
+    /// Starts reading the chunk at `at` into the page cache, so that `sendfile` on a
+    /// worker thread rarely waits for the disk. Only advice: errors are ignored.
+    fn read_ahead(&self, at: usize) {
+        let n = MAPPED_CHUNK.min(self.whole.len().saturating_sub(at));
+        if let (Some(n), true) = (std::num::NonZeroU64::new(n as u64), at < self.whole.len()) {
+            let _ = rustix::fs::fadvise(
+                &*self.file,
+                self.start + at as u64,
+                Some(n),
+                rustix::fs::Advice::WillNeed,
+            );
+        }
+    }
+}
+
+impl<F: Fn(u64) + Unpin> http_body::Body for MappedBody<F> {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        let at = this.sent;
+        if at == this.whole.len() {
+            return Poll::Ready(None);
+        }
+        let n = MAPPED_CHUNK.min(this.whole.len() - at);
+        this.sent += n;
+        this.read_ahead(this.sent);
+        (this.on_chunk)(n as u64);
+        Poll::Ready(Some(Ok(Frame::data(this.whole.slice(at..at + n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.sent == self.whole.len()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact((self.whole.len() - self.sent) as u64)
+    }
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
@@ -22,6 +22,7 @@ use crate::cache::{read_at, BlobSource, ServedManifest};
 use crate::oci::{default_platform_child, is_index, Digest, Reference, RepoName, Tag, OCI_MANIFEST};
 use crate::store::RepoKey;
 use crate::upstream::Upstream;
+use crate::zerocopy::Regions;
 use crate::AppState;
 
 /// Blobs (or ranges) up to this size are read inline instead of on the blocking pool.
@@ -42,7 +43,13 @@ pub async fn handle(state: AppState, req: Request<Incoming>, client: IpAddr) -> 
             )));
         }
         let query = Query::parse(req.uri().query());
-        dispatch(&state, route?, &Ctx { query: &query, headers: req.headers(), head, client }).await
+        // HTTP/2 multiplexes streams into frames it copies: only HTTP/1 sends blobs zero-copy.
+        let zerocopy = match req.version() {
+            Version::HTTP_10 | Version::HTTP_11 => req.extensions().get::<Arc<Regions>>(),
+            _ => None,
+        };
+        let ctx = Ctx { query: &query, headers: req.headers(), head, client, zerocopy };
+        dispatch(&state, route?, &ctx).await
     }
     .instrument(span.clone())
     .await;
@@ -71,6 +78,8 @@ struct Ctx<'a> {
     head: bool,
     /// Used only to tie a client's digest GETs to the tag it resolved; never a label.
     client: IpAddr,
+    /// Set on plain-TCP HTTP/1 connections, which can send stored blobs by `sendfile`.
+    zerocopy: Option<&'a Arc<Regions>>,
 }
 
 async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
@@ -115,7 +124,7 @@ async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Respo
             let res = if head {
                 blob_head(state, &up, &name, &digest).await
             } else {
-                blob_get(state, &up, &name, &digest, headers).await
+                blob_get(state, &up, &name, &digest, req).await
             };
             if res.is_err() {
                 state.analytics.blob_served(&up.name, "error");
@@ -376,9 +385,9 @@ async fn blob_get(
     up: &Arc<Upstream>,
     name: &RepoName,
     d: &Digest,
-    headers: &HeaderMap,
+    req: &Ctx<'_>,
 ) -> Result<Response<Body>, ApiError> {
-    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let range = req.headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let src = state.cache.blob(up, name, d).await.map_err(|e| ApiError::from_cache(e, true))?;
     let result = match &src {
         BlobSource::Cached { .. } | BlobSource::Small(_) => "hit",
@@ -388,11 +397,11 @@ async fn blob_get(
     state.analytics.blob_served(&up.name, result);
     match (src, range) {
         (BlobSource::Cached { file, size }, range) => {
-            serve_file(state, Source::File(file), size, d, range.as_deref())
+            serve_file(state, Source::File(file), size, d, range.as_deref(), req.zerocopy)
         }
         (BlobSource::Small(bytes), range) => {
             let size = bytes.len() as u64;
-            serve_file(state, Source::Bytes(bytes), size, d, range.as_deref())
+            serve_file(state, Source::Bytes(bytes), size, d, range.as_deref(), None)
         }
         (BlobSource::Filling { fill, .. }, Some(range)) => {
             // A range of an unverified download cannot be vouched for: wait for the whole.
@@ -400,7 +409,7 @@ async fn blob_get(
             match state.store().blobs().open(d) {
                 Ok(Some(file)) => {
                     let size = file.metadata().map_err(|e| ApiError::Internal(e.to_string()))?.len();
-                    serve_file(state, Source::File(file), size, d, Some(&range))
+                    serve_file(state, Source::File(file), size, d, Some(&range), req.zerocopy)
                 }
                 Ok(None) => Err(ApiError::BlobUnknown("blob vanished after download".into())),
                 Err(e) => Err(ApiError::Internal(e.to_string())),
@@ -477,6 +486,7 @@ fn serve_file(
     size: u64,
     d: &Digest,
     range: Option<&str>,
+    zerocopy: Option<&Arc<Regions>>,
 ) -> Result<Response<Body>, ApiError> {
     let (start, len, status) = match parse_range(range, size) {
         ByteRange::Whole => (0, size, StatusCode::OK),
@@ -497,7 +507,12 @@ fn serve_file(
         }
         Source::File(file) => {
             let analytics = state.analytics.clone();
-            body::file(file, start, len, move |n| analytics.blob_bytes(true, n))
+            let on_chunk = move |n| analytics.blob_bytes(true, n);
+            match zerocopy {
+                Some(regions) => body::mapped(regions, file, start, len, on_chunk)
+                    .map_err(|e| ApiError::Internal(format!("mapping a stored blob: {e}")))?,
+                None => body::file(file, start, len, on_chunk),
+            }
         }
     };
     let mut r = Response::new(body);

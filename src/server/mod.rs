@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -11,7 +12,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::{api, AppState};
+use crate::{api, zerocopy, AppState};
 
 pub mod tls;
 
@@ -66,10 +67,16 @@ pub async fn serve_with_admin(
         let acceptor = tls.as_ref().map(|(a, _)| a.clone());
         tokio::spawn(async move {
             match acceptor {
-                None => serve_connection(&builder, TokioIo::new(stream), state, watcher, peer).await,
+                None => {
+                    let socket = zerocopy::Socket::new(stream);
+                    let regions = Some(socket.regions());
+                    serve_connection(&builder, TokioIo::new(socket), state, watcher, peer, regions).await
+                }
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve_connection(&builder, TokioIo::new(s), state, watcher, peer).await,
+                        Ok(Ok(s)) => {
+                            serve_connection(&builder, TokioIo::new(s), state, watcher, peer, None).await
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -104,10 +111,14 @@ async fn serve_connection<I>(
     state: AppState,
     watcher: hyper_util::server::graceful::Watcher,
     peer: std::net::SocketAddr,
+    zerocopy: Option<Arc<zerocopy::Regions>>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if let Some(z) = &zerocopy {
+            req.extensions_mut().insert(z.clone());
+        }
         let st = state.clone();
         async move { Ok::<_, Infallible>(api::handle(st, req, peer.ip()).await) }
     });

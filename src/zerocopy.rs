@@ -1,0 +1,164 @@
+//! Zero-copy blob responses on plain-TCP connections.
+//!
+//! hyper only writes byte buffers, so a stored blob is handed to it as a read-only memory
+//! mapping of the file. The connection's socket ([`Socket`]) knows which address ranges are
+//! such mappings ([`Regions`]) and sends them with `sendfile(2)` instead of copying them out:
+//! the kernel moves page-cache pages to the socket, the mapping is never touched, and the
+//! process's RSS stays flat however big the blob and however many the clients. Every other
+//! write (headers, small bodies) is an ordinary one, and since a mapping holds the file's
+//! own bytes, a write that does copy from it is still correct, only slower.
+
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The blob mappings a connection's responses currently hold.
+#[derive(Default)]
+pub struct Regions(Mutex<Vec<Region>>);
+
+struct Region {
+    start: usize,
+    len: usize,
+    file: Arc<File>,
+    offset: u64,
+}
+
+impl Regions {
+    fn lock(&self) -> MutexGuard<'_, Vec<Region>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Maps `len` (> 0) bytes of the blob file `file` from `offset`. The mapping stays
+    /// registered until the returned bytes, and every slice of them, are dropped.
+    ///
+    /// Only for blob files in the store: they are renamed into place whole after
+    /// verification and never written again, so no mapping sees its file shrink (which
+    /// would fault the process on a read). The length is checked here all the same.
+    pub fn map(self: &Arc<Self>, file: Arc<File>, offset: u64, len: usize) -> io::Result<Bytes> {
+        if file.metadata()?.len() < offset + len as u64 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than expected"));
+        }
+        // SAFETY: the file is immutable while stored (see above) and long enough.
+        let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map(&*file)? };
+        self.lock().push(Region { start: map.as_ptr() as usize, len, file, offset });
+        Ok(Bytes::from_owner(Mapping { map, regions: self.clone() }))
+    }
+
+    /// Which of `bufs` is the first that lies inside a registered mapping, with its file and
+    /// the file offset of its first byte.
+    fn first_mapped(&self, bufs: &[IoSlice<'_>]) -> Option<(usize, Arc<File>, u64)> {
+        let regions = self.lock();
+        if regions.is_empty() {
+            return None;
+        }
+        bufs.iter().enumerate().filter(|(_, b)| !b.is_empty()).find_map(|(i, b)| {
+            let p = b.as_ptr() as usize;
+            let r = regions.iter().find(|r| p >= r.start && p + b.len() <= r.start + r.len)?;
+            Some((i, r.file.clone(), r.offset + (p - r.start) as u64))
+        })
+    }
+}
+
+/// The owner of a mapping behind [`Bytes`]: unregisters it before it is unmapped.
+struct Mapping {
+    map: memmap2::Mmap,
+    regions: Arc<Regions>,
+}
+
+impl AsRef<[u8]> for Mapping {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        let start = self.map.as_ptr() as usize;
+        self.regions.lock().retain(|r| r.start != start);
+    }
+}
+
+/// A TCP connection whose writes of registered mappings go out by `sendfile(2)`.
+pub struct Socket {
+    tcp: TcpStream,
+    regions: Arc<Regions>,
+}
+
+impl Socket {
+    pub fn new(tcp: TcpStream) -> Self {
+        Socket { tcp, regions: Arc::default() }
+    }
+
+    /// The registry that responses on this connection map their blobs into.
+    pub fn regions(&self) -> Arc<Regions> {
+        self.regions.clone()
+    }
+
+    fn poll_sendfile(
+        &self,
+        cx: &mut Context<'_>,
+        file: &File,
+        mut offset: u64,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let sent = self.tcp.try_io(Interest::WRITABLE, || {
+                rustix::fs::sendfile(&self.tcp, file, Some(&mut offset), len).map_err(io::Error::from)
+            });
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    /// Leading ordinary buffers go out in one `writev`; a mapped buffer goes alone, by
+    /// `sendfile`. The caller advances by what was written and calls again for the rest.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let lead = bufs.iter().position(|b| !b.is_empty()).unwrap_or(0);
+        let plain = match this.regions.first_mapped(bufs) {
+            Some((i, file, offset)) if i == lead => {
+                return this.poll_sendfile(cx, &file, offset, bufs[i].len())
+            }
+            Some((i, ..)) => &bufs[..i],
+            None => bufs,
+        };
+        Pin::new(&mut this.tcp).poll_write_vectored(cx, plain)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
