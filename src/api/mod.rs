@@ -419,7 +419,7 @@ async fn blob_get(
             // Each client of a download holds at most one chunk queued: herds stay small.
             let (tx, body) = body::channel(1);
             let analytics = state.analytics.clone();
-            fill.stream(tx, move |n| analytics.blob_bytes(false, n));
+            fill.stream(tx, req.zerocopy.cloned(), move |n| analytics.blob_bytes(false, n));
             let mut r = Response::new(body);
             blob_headers(r.headers_mut(), d, size);
             Ok(r)

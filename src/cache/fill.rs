@@ -4,7 +4,7 @@
 //! verified, so a bad download can never look complete to a client.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,11 +17,17 @@ use tokio::sync::{mpsc, watch};
 use crate::oci::{Digest, RepoName};
 use crate::store::{RepoKey, Store};
 use crate::upstream::{error_chain, Upstream, UpstreamError};
+use crate::zerocopy::Regions;
 
 use super::{Cache, CacheError};
 
-/// Most a reader sends per chunk, and a quarter of what the writer batches per write.
+/// Most a reader that copies sends per chunk.
 const CHUNK: usize = 128 * 1024;
+/// Most a zero-copy reader sends per chunk (a mapping, which costs no memory).
+const MAPPED_CHUNK: u64 = 4 * 1024 * 1024;
+/// Most the writer hashes and writes per trip to the blocking pool. What arrived is batched
+/// without copying, so this only bounds how much of the client's read buffers one trip pins.
+const BATCH: usize = 2 * 1024 * 1024;
 
 /// Where a fill is.
 #[derive(Clone, Debug)]
@@ -82,9 +88,15 @@ impl Fill {
 
     /// Streams the blob to one client as it arrives. Ends with an error (the client's
     /// response is cut) when the download fails or does not match its digest.
+    ///
+    /// With `zerocopy` (a plain-TCP HTTP/1 client), each chunk is a mapping of the spool's
+    /// written range, which the connection sends by `sendfile`: no read, no copy, no
+    /// buffer per client. The spool only grows while the fill runs, and a failed fill
+    /// unlinks it without truncating, so a mapped range stays valid.
     pub fn stream(
         self: Arc<Self>,
         tx: mpsc::Sender<io::Result<Bytes>>,
+        zerocopy: Option<Arc<Regions>>,
         on_chunk: impl Fn(u64) + Send + 'static,
     ) {
         tokio::spawn(async move {
@@ -103,17 +115,23 @@ impl Fill {
                     }
                 };
                 if off < limit {
-                    let len = (limit - off).min(CHUNK as u64) as usize;
-                    let file = self.file.clone();
-                    let chunk = tokio::task::spawn_blocking(move || read_at(&file, off, len)).await;
-                    let chunk = match chunk {
-                        Ok(Ok(c)) => c,
-                        Ok(Err(e)) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
+                    let chunk = match &zerocopy {
+                        Some(regions) => {
+                            let len = (limit - off).min(MAPPED_CHUNK) as usize;
+                            regions.map(self.file.clone(), off, len)
                         }
+                        None => {
+                            let len = (limit - off).min(CHUNK as u64) as usize;
+                            let file = self.file.clone();
+                            tokio::task::spawn_blocking(move || read_at(&file, off, len))
+                                .await
+                                .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
+                        }
+                    };
+                    let chunk = match chunk {
+                        Ok(c) => c,
                         Err(e) => {
-                            let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+                            let _ = tx.send(Err(e)).await;
                             return;
                         }
                     };
@@ -134,6 +152,21 @@ impl Fill {
             }
         });
     }
+}
+
+/// Writes every chunk, in order, with as few `writev` calls as the kernel allows.
+fn write_all_chunks(f: &mut File, chunks: &[Bytes]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match f.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Reads `len` bytes at `off` into a new buffer.
@@ -241,11 +274,15 @@ impl FillJob {
                     )
                 }
             };
-            // Batch what has already arrived into one blocking write.
-            let mut batch = BytesMut::from(&first[..]);
-            while batch.len() < CHUNK * 4 {
+            // Batch what has already arrived into one blocking write, without copying it.
+            let mut n = first.len();
+            let mut batch = vec![first];
+            while n < BATCH {
                 match stream.next().now_or_never() {
-                    Some(Some(Ok(c))) => batch.extend_from_slice(&c),
+                    Some(Some(Ok(c))) => {
+                        n += c.len();
+                        batch.push(c);
+                    }
                     Some(Some(Err(e))) => {
                         return Err(
                             UpstreamError::Unavailable(format!("blob body cut: {}", error_chain(&e))).into()
@@ -254,14 +291,14 @@ impl FillJob {
                     Some(None) | None => break,
                 }
             }
-            let n = batch.len() as u64;
+            let n = n as u64;
             if size.is_some_and(|s| written + n > s) {
                 return Err(UpstreamError::Invalid("blob body longer than its Content-Length".into()).into());
             }
             let (mut f, mut h) = sink.take().ok_or_else(|| CacheError::Internal("spool lost".into()))?;
             let (f, h, res) = tokio::task::spawn_blocking(move || {
-                h.update(&batch);
-                let res = f.write_all(&batch);
+                batch.iter().for_each(|c| h.update(c));
+                let res = write_all_chunks(&mut f, &batch);
                 (f, h, res)
             })
             .await
@@ -323,7 +360,7 @@ mod tests {
     async fn readers_never_get_the_last_byte_before_verification() {
         let (fill, state, _dir) = fill(1000);
         let (tx, mut rx) = mpsc::channel(4);
-        fill.stream(tx, |_| {});
+        fill.stream(tx, None, |_| {});
         let got = receive_at_least(&mut rx, 999).await;
         state.send_replace(FillState::Failed(CacheError::Internal("digest mismatch".into())));
         assert!(matches!(rx.recv().await, Some(Err(_))), "the transfer is cut");
@@ -334,7 +371,7 @@ mod tests {
     async fn readers_get_the_last_byte_once_verified() {
         let (fill, state, _dir) = fill(1000);
         let (tx, mut rx) = mpsc::channel(4);
-        fill.stream(tx, |_| {});
+        fill.stream(tx, None, |_| {});
         let mut got = receive_at_least(&mut rx, 999).await;
         state.send_replace(FillState::Done { size: 1000 });
         while let Some(chunk) = rx.recv().await {
