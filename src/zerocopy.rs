@@ -162,3 +162,42 @@ impl AsyncWrite for Socket {
         Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(len: usize) -> (Arc<File>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("data");
+        std::fs::write(&path, (0..len).map(|i| (i % 251) as u8).collect::<Vec<_>>()).expect("write");
+        (Arc::new(File::open(&path).expect("open")), dir)
+    }
+
+    #[test]
+    fn slices_of_a_mapping_are_found_with_their_file_offset_until_dropped() {
+        let (file, _dir) = blob(3 * 4096 + 10);
+        let regions = Arc::new(Regions::default());
+        let bytes = regions.map(file, 4096 + 5, 8000).expect("map");
+        assert_eq!(bytes[0], ((4096 + 5) % 251) as u8, "the mapping holds the file's bytes");
+        let part = bytes.slice(100..200);
+        let other = vec![1u8; 16];
+        {
+            let bufs = [IoSlice::new(&[]), IoSlice::new(&other), IoSlice::new(&part)];
+            let (i, _, offset) = regions.first_mapped(&bufs).expect("found");
+            assert_eq!((i, offset), (2, 4096 + 5 + 100));
+            assert!(regions.first_mapped(&bufs[..2]).is_none(), "ordinary buffers are not mapped");
+        }
+        drop((bytes, part));
+        assert!(regions.lock().is_empty(), "dropping the last slice unregisters the mapping");
+    }
+
+    #[test]
+    fn a_range_past_the_end_of_the_file_is_refused() {
+        let (file, _dir) = blob(1000);
+        let regions = Arc::new(Regions::default());
+        let err = regions.map(file, 500, 501).expect_err("too long");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(regions.lock().is_empty());
+    }
+}
