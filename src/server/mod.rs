@@ -93,10 +93,20 @@ pub async fn serve_with_admin(
         watch.abort();
     }
     let grace = state.config.shutdown_grace;
+    let deadline = tokio::time::Instant::now() + grace;
     tracing::info!(?grace, "shutting down: waiting for in-flight requests");
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
-        _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; dropping the remaining connections"),
+        _ = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; dropping the remaining connections"),
+    }
+    // Clients get a blob's last byte once it is verified, before it is moved into the
+    // store: let downloads finish storing within the same grace.
+    while state.cache.downloads_in_flight() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("grace period over; abandoning unfinished downloads");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if let Err(e) = state.analytics.flush().and_then(|_| state.store().flush()) {
         tracing::error!(error = %e, "index flush failed");

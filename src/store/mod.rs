@@ -386,6 +386,11 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
+        // Cheap at manifest sizes, and no damaged file is ever served as this digest.
+        if Digest::of(&bytes) != *d {
+            tracing::warn!(digest = %d, "stored manifest does not match its digest; fetching it again");
+            return Ok(None);
+        }
         let media_type = match self.index.blob(d)?.and_then(|m| m.media_type) {
             Some(mt) => mt,
             None => match manifest_media_type(&bytes) {
@@ -404,9 +409,14 @@ impl Store {
         bytes: &[u8],
         media_type: &str,
     ) -> Result<(), StoreError> {
-        if self.tree.stat(d)?.is_none() {
-            self.tree.write_blob(d, bytes)?;
-            self.count_blob(bytes.len() as u64);
+        match self.tree.stat(d)? {
+            Some(n) if n == bytes.len() as u64 => {}
+            // A file a crash left short: replace it.
+            Some(_) => self.tree.write_blob(d, bytes)?,
+            None => {
+                self.tree.write_blob(d, bytes)?;
+                self.count_blob(bytes.len() as u64);
+            }
         }
         self.index.put_blob(
             d,
