@@ -28,6 +28,8 @@ const MAPPED_CHUNK: u64 = 4 * 1024 * 1024;
 /// Most the writer hashes and writes per trip to the blocking pool. What arrived is batched
 /// without copying, so this only bounds how much of the client's read buffers one trip pins.
 const BATCH: usize = 2 * 1024 * 1024;
+/// Most chunks per batch: one `writev` takes at most 1024 (IOV_MAX on Linux).
+const BATCH_CHUNKS: usize = 1024;
 
 /// Where a fill is.
 #[derive(Clone, Debug)]
@@ -282,7 +284,7 @@ impl FillJob {
             // Batch what has already arrived into one blocking write, without copying it.
             let mut n = first.len();
             let mut batch = vec![first];
-            while n < BATCH {
+            while n < BATCH && batch.len() < BATCH_CHUNKS {
                 match stream.next().now_or_never() {
                     Some(Some(Ok(c))) => {
                         n += c.len();

@@ -131,9 +131,8 @@ impl Tree {
 /// Renames `src` to `dest`, creating `dest`'s parents, and fsyncs the directory so the
 /// new name survives a crash.
 fn rename_into(src: &Path, dest: &Path) -> io::Result<()> {
+    rename_only(src, dest)?;
     let parent = dest.parent().ok_or_else(|| io::Error::other("destination has no parent"))?;
-    fs::create_dir_all(parent)?;
-    fs::rename(src, dest)?;
     File::open(parent)?.sync_all()
 }
 
