@@ -93,12 +93,7 @@ async fn pulls_are_counted_by_tag_and_platform_and_survive_a_restart() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("pulls: 4"), "{text}");
     assert!(text.contains("registry.test/demo/app:latest"), "{text}");
-    let h: serde_json::Value = reqwest::get(w.url("/_wharf/history/demo/app/tags/latest"))
-        .await
-        .expect("history")
-        .json()
-        .await
-        .expect("json");
+    let h = w.json("/_wharf/history/demo/app/tags/latest").await;
     assert_eq!(h["history"][0]["digest"], v1.index.as_str());
     assert_eq!(h["history"][0]["pulls"], 3, "which digest of latest was pulled, how often");
     println!("{text}");

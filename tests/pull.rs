@@ -59,22 +59,12 @@ async fn multi_platform_image_pulls_byte_identical_and_history_follows_a_retag()
     assert_eq!(layout_blobs(&out), v2.blobs.iter().cloned().collect::<BTreeSet<_>>());
     assert!(w.metric("wharf_manifest_requests_total", &[("result", "refreshed")]).await >= 1.0);
 
-    let h: serde_json::Value = reqwest::get(w.url("/_wharf/history/demo/app/tags/latest"))
-        .await
-        .expect("history")
-        .json()
-        .await
-        .expect("json");
+    let h = w.json("/_wharf/history/demo/app/tags/latest").await;
     assert_eq!(h["repository"], "registry.test/demo/app");
     assert_eq!(history_digests(&h), vec![v2.index.clone(), v1.index.clone()], "newest first, both kept");
     assert_eq!(h["history"][0]["current"], true);
     assert_eq!(h["history"][1]["current"], false);
-    let same: serde_json::Value = reqwest::get(w.url("/_wharf/history/registry.test/demo/app/tags/latest"))
-        .await
-        .expect("history by full name")
-        .json()
-        .await
-        .expect("json");
+    let same = w.json("/_wharf/history/registry.test/demo/app/tags/latest").await;
     assert_eq!(history_digests(&same), history_digests(&h));
 
     // The CLI asks the running server (it holds the data dir).
@@ -133,12 +123,7 @@ async fn stock_registry_serves_wharfs_data_dir() {
     std::fs::write(&leftover, b"half a blob").expect("leftover");
     w.restart();
     assert!(!leftover.exists(), "temp files are cleaned at start-up");
-    let h: serde_json::Value = reqwest::get(w.url("/_wharf/history/demo/base/tags/1.0"))
-        .await
-        .expect("history")
-        .json()
-        .await
-        .expect("json");
+    let h = w.json("/_wharf/history/demo/base/tags/1.0").await;
     assert_eq!(history_digests(&h), vec![img.index.clone()]);
     let r = reqwest::Client::new()
         .get(w.url(&format!("/v2/demo/base/manifests/{}", img.index)))

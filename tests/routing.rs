@@ -112,12 +112,7 @@ async fn each_routing_form_reaches_the_right_upstream() {
     // Docker Hub's official images: one repository under both spellings.
     assert_eq!(head(&w, "/v2/demo/manifests/latest").await, (200, u.a_demo.index.clone()));
     assert_eq!(head(&w, "/v2/library/demo/manifests/latest").await, (200, u.a_demo.index.clone()));
-    let h: serde_json::Value = reqwest::get(w.url("/_wharf/history/demo/tags/latest"))
-        .await
-        .expect("history")
-        .json()
-        .await
-        .expect("json");
+    let h = w.json("/_wharf/history/demo/tags/latest").await;
     assert_eq!(h["repository"], "docker.io/library/demo");
     let repos = std::fs::read_dir(w.data.join("docker/registry/v2/repositories/docker.io"))
         .expect("docker.io repositories")
@@ -129,8 +124,7 @@ async fn each_routing_form_reaches_the_right_upstream() {
     let hist = |path: &'static str| {
         let w = &w;
         async move {
-            let v: serde_json::Value =
-                reqwest::get(w.url(path)).await.expect("history").json().await.expect("json");
+            let v = w.json(path).await;
             v["history"][0]["digest"].as_str().expect("digest").to_owned()
         }
     };
@@ -192,15 +186,9 @@ async fn tags_and_catalog_come_from_upstream_then_from_cache() {
     assert_eq!(r.headers()["link"], "</v2/org/app/tags/list?n=2&last=2>; rel=\"next\"");
     let v: serde_json::Value = r.json().await.expect("json");
     assert_eq!(v["tags"], serde_json::json!(["1", "2"]));
-    let v: serde_json::Value = reqwest::get(w.url("/v2/org/app/tags/list?n=2&last=2"))
-        .await
-        .expect("tags")
-        .json()
-        .await
-        .expect("json");
+    let v = w.json("/v2/org/app/tags/list?n=2&last=2").await;
     assert_eq!(v["tags"], serde_json::json!(["3"]));
-    let v: serde_json::Value =
-        reqwest::get(w.url("/v2/_catalog")).await.expect("catalog").json().await.expect("json");
+    let v = w.json("/v2/_catalog").await;
     assert_eq!(v["repositories"], serde_json::json!(["org/app"]));
 
     // Pull two tags into the cache, then lose the upstream.
@@ -213,8 +201,7 @@ async fn tags_and_catalog_come_from_upstream_then_from_cache() {
     assert_eq!(r.headers()["wharf-source"], "cache");
     let v: serde_json::Value = r.json().await.expect("json");
     assert_eq!(v["tags"], serde_json::json!(["1", "3"]), "what the cache knows");
-    let v: serde_json::Value =
-        reqwest::get(w.url("/v2/_catalog")).await.expect("catalog").json().await.expect("json");
+    let v = w.json("/v2/_catalog").await;
     assert_eq!(v["repositories"], serde_json::json!(["org/app"]));
 }
 

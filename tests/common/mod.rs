@@ -351,6 +351,12 @@ impl Wharf {
             .expect("wharf cli runs")
     }
 
+    /// GETs `path` from wharf and parses the JSON answer.
+    pub async fn json(&self, path: &str) -> serde_json::Value {
+        let r = reqwest::get(self.url(path)).await.unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        r.json().await.unwrap_or_else(|e| panic!("GET {path}: not JSON: {e}"))
+    }
+
     /// Sum of every series of `name` whose labels include all of `labels`.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         // Certificates are the TLS tests' business; metrics are read whatever they are.
