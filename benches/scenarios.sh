@@ -113,10 +113,14 @@ pull() { # URL-HOST/REPO:TAG DEST -> seconds, or FAIL
     t=$(elapsed "$t0"); echo "$t"
   else echo FAIL; fi
 }
-mbps() { curl -s -o /dev/null -m 600 -w '%{size_download} %{time_total}' "$1" | awk '{ printf "%.0f", $1 / $2 / 1e6 }'; }
+# Writes still in the page cache from an earlier run would go to disk during this one (a
+# proxy that does not fsync leaves its writeback to the kernel, ~30 s later), and on a VM
+# that writeback slows whatever runs then by up to a fifth: flush them before each timing.
+settle() { sync; }
+mbps() { settle; curl -s -o /dev/null -m 600 -w '%{size_download} %{time_total}' "$1" | awk '{ printf "%.0f", $1 / $2 / 1e6 }'; }
 hashed_mbps() { # URL of the big blob -> MB/s of a GET piped through sha256sum; digest check in last-digest
   local t digest
-  t=$(clock); digest=$(curl -s -m 600 "$1" | sha256sum | cut -d' ' -f1)
+  settle; t=$(clock); digest=$(curl -s -m 600 "$1" | sha256sum | cut -d' ' -f1)
   [[ sha256:$digest == "$BIG" ]] && echo ok >"$RUN/last-digest" || echo BAD >"$RUN/last-digest"
   awk -v s="$BIG_SIZE" -v t="$(elapsed "$t")" 'BEGIN { printf "%.0f", s / t / 1e6 }'
 }
@@ -131,6 +135,7 @@ ab_head_rate() { # URL -> req/s (wrk 4.1 waits for a body after HEAD, so ab)
 start_proxy() { # NAME PORT -> PID (fresh data dir)
   local dir=$RUN/data/$1
   rm -rf "$dir"; mkdir -p "$dir"
+  settle
   "$BENCH_ROOT/proxies/$1.sh" "$2" "$ORIGIN" "$dir"
 }
 stop_proxy() { # NAME PID: stop, keep logs, drop data
@@ -158,7 +163,7 @@ scenarios() { # NAME PORT
   record "$name" d_cold_big_mbps "$(hashed_mbps "http://$host/v2/bench/big/blobs/$BIG")"
   record "$name" d_cold_big_digest "$(cat "$RUN/last-digest")"
   record "$name" d_cached_big_1_mbps "$(mbps "http://$host/v2/bench/big/blobs/$BIG")"
-  t=$(clock)
+  settle; t=$(clock)
   clients=()
   for i in $(seq "$BIG_CLIENTS"); do
     curl -s -o /dev/null -m 600 "http://$host/v2/bench/big/blobs/$BIG" &
@@ -203,7 +208,7 @@ references() { # the origin itself and static nginx, once per repetition
   record origin d_cold_big_mbps "$(hashed_mbps "$ORIGIN/v2/bench/big/blobs/$BIG")"
   pid=$("$BENCH_ROOT/proxies/static.sh" "$STATIC_PORT" "$big_file" "$RUN/data/static"); PIDS+=("$pid")
   record static d_cached_big_1_mbps "$(mbps "http://127.0.0.1:$STATIC_PORT/blob")"
-  t=$(clock)
+  settle; t=$(clock)
   clients=()
   for i in $(seq "$BIG_CLIENTS"); do
     curl -s -o /dev/null -m 600 "http://127.0.0.1:$STATIC_PORT/blob" &

@@ -37,14 +37,15 @@ impl Regions {
     /// Maps `len` (> 0) bytes of the blob file `file` from `offset`. The mapping stays
     /// registered until the returned bytes, and every slice of them, are dropped.
     ///
-    /// Only for blob files in the store: they are renamed into place whole after
-    /// verification and never written again, so no mapping sees its file shrink (which
-    /// would fault the process on a read). The length is checked here all the same.
+    /// Only for files that never shrink (reading a mapping past the end of its file faults
+    /// the process): stored blobs are never written again, and a download's spool only
+    /// grows (a failed one is unlinked, not truncated). The length is checked here all
+    /// the same.
     pub fn map(self: &Arc<Self>, file: Arc<File>, offset: u64, len: usize) -> io::Result<Bytes> {
         if file.metadata()?.len() < offset + len as u64 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than expected"));
         }
-        // SAFETY: the file is immutable while stored (see above) and long enough.
+        // SAFETY: the file never shrinks (see above) and is long enough.
         let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map(&*file)? };
         self.lock().push(Region { start: map.as_ptr() as usize, len, file, offset });
         Ok(Bytes::from_owner(Mapping { map, regions: self.clone() }))

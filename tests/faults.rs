@@ -366,6 +366,51 @@ async fn large_cached_blobs_are_byte_exact_over_http1_and_http2() {
     assert_eq!(fake.count("GET", &d), 1, "served from cache");
 }
 
+/// A downloaded blob is made durable and moved into the store once the clients streaming
+/// it have their bytes; meanwhile it is served from its verified spool, ranges included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_is_stored_once_its_clients_are_done_and_served_meanwhile() {
+    let fake = Fake::start().await;
+    // Far more than the slow client's small receive buffer, the server's send buffer and
+    // wharf's queued chunks hold, so a client that stops reading stays mid-transfer.
+    let bytes = noise("slow reader", 32 << 20);
+    let d = fake.blob(bytes.clone());
+    let w = Wharf::start(&fake.url(), "");
+    let path = format!("/v2/app/blobs/{d}");
+
+    // A client that reads the response head, then stops.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+    let mut slow = socket.connect(w.addr).await.expect("connect");
+    slow.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    while !head.windows(4).any(|h| h == b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        slow.read_exact(&mut b).await.expect("response head");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // A range waits for the digest check, not for the slow client.
+    let r = client().get(w.url(&path)).header("range", "bytes=1000-1999").send().await.expect("range");
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.expect("body").to_vec(), bytes[1000..2000].to_vec());
+    let (status, body) = get_all(&w.url(&path)).await.expect("a whole GET meanwhile");
+    assert_eq!(status, 200);
+    assert_eq!(sha256(&body), d);
+    assert!(!blob_file(&w, &d).exists(), "stored while a client was still streaming it");
+    assert_eq!(fake.count("GET", &d), 1, "one download for all three");
+
+    let mut rest = Vec::new();
+    slow.read_to_end(&mut rest).await.expect("the rest");
+    assert_eq!(rest.len(), bytes.len(), "the whole body, then the connection closes");
+    assert_eq!(sha256(&rest), d);
+    stored(&w, &d).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_changes_nothing() {
     let fake = Fake::start().await;

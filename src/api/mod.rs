@@ -405,15 +405,8 @@ async fn blob_get(
         }
         (BlobSource::Filling { fill, .. }, Some(range)) => {
             // A range of an unverified download cannot be vouched for: wait for the whole.
-            fill.finished().await.map_err(|e| ApiError::from_cache(e, true))?;
-            match state.store().blobs().open(d) {
-                Ok(Some(file)) => {
-                    let size = file.metadata().map_err(|e| ApiError::Internal(e.to_string()))?.len();
-                    serve_file(state, Source::File(file), size, d, Some(&range), req.zerocopy)
-                }
-                Ok(None) => Err(ApiError::BlobUnknown("blob vanished after download".into())),
-                Err(e) => Err(ApiError::Internal(e.to_string())),
-            }
+            let (file, size) = fill.verified().await.map_err(|e| ApiError::from_cache(e, true))?;
+            serve_file(state, Source::File(file), size, d, Some(&range), req.zerocopy)
         }
         (BlobSource::Filling { fill, size, .. }, None) => {
             // Each client of a download holds at most one chunk queued: herds stay small.

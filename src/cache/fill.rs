@@ -1,18 +1,21 @@
 //! A blob download from upstream into a spool file, shared by every client that wants the
 //! blob while it runs. Bytes go through sha256 on their way to disk; readers follow the
 //! writer through the spool file but never receive the last byte before the digest is
-//! verified, so a bad download can never look complete to a client.
+//! verified, so a bad download can never look complete to a client. The spool is made
+//! durable and moved into the store once the clients streaming it have their bytes.
 
 use std::fs::File;
 use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use sha2::{Digest as _, Sha256};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::oci::{Digest, RepoName};
 use crate::store::{RepoKey, Store};
@@ -30,6 +33,8 @@ const MAPPED_CHUNK: u64 = 4 * 1024 * 1024;
 const BATCH: usize = 2 * 1024 * 1024;
 /// Most chunks per batch: one `writev` takes at most 1024 (IOV_MAX on Linux).
 const BATCH_CHUNKS: usize = 1024;
+/// Longest a verified download waits for its clients before it is made durable anyway.
+const COMMIT_WAIT: Duration = Duration::from_secs(60);
 
 /// Where a fill is.
 #[derive(Clone, Debug)]
@@ -41,8 +46,8 @@ pub enum FillState {
         size: Option<u64>,
         written: u64,
     },
-    /// Verified: every byte may go to clients while the spool is made durable and moved
-    /// into the store.
+    /// Verified: every byte may go to clients. Once they have them, the spool is made
+    /// durable and moved into the store.
     Verified {
         size: u64,
     },
@@ -59,6 +64,47 @@ pub struct Fill {
     state: watch::Receiver<FillState>,
     /// The spool file; readers use positional reads, so they share it without a cursor.
     file: Arc<File>,
+    clients: Arc<Clients>,
+}
+
+/// The clients streaming a download. Its fsync waits for them: when the upstream is faster
+/// than the clients, the spool is complete long before they are, and writing a whole blob
+/// back to disk under them slows them down for nothing (measured: 0.86x -> 0.93x of the
+/// upstream's rate for a cold 1 GiB blob).
+#[derive(Default)]
+struct Clients {
+    streaming: AtomicUsize,
+    left: Notify,
+}
+
+impl Clients {
+    /// Waits until no client is streaming, or `at_most`.
+    async fn gone(&self, at_most: Duration) {
+        let deadline = tokio::time::Instant::now() + at_most;
+        while self.streaming.load(Ordering::Acquire) > 0 {
+            // `notify_one` leaves a permit when nobody waits, so no departure is missed.
+            if tokio::time::timeout_at(deadline, self.left.notified()).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One client streaming a download, counted until it is done.
+struct Streaming(Arc<Clients>);
+
+impl Streaming {
+    fn new(clients: &Arc<Clients>) -> Self {
+        clients.streaming.fetch_add(1, Ordering::AcqRel);
+        Streaming(clients.clone())
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.0.streaming.fetch_sub(1, Ordering::AcqRel);
+        self.0.left.notify_one();
+    }
 }
 
 impl Fill {
@@ -78,12 +124,19 @@ impl Fill {
         }
     }
 
-    /// Waits until the fill is over: the blob is in the store, or the fill failed.
-    pub async fn finished(&self) -> Result<u64, CacheError> {
+    /// Waits until the whole blob is downloaded and verified, and returns its file (the
+    /// spool, or the same file once moved into the store) and size.
+    pub async fn verified(&self) -> Result<(File, u64), CacheError> {
         let mut rx = self.state.clone();
         loop {
             match rx.borrow_and_update().clone() {
-                FillState::Done { size } => return Ok(size),
+                FillState::Verified { size } | FillState::Done { size } => {
+                    let file = self
+                        .file
+                        .try_clone()
+                        .map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?;
+                    return Ok((file, size));
+                }
                 FillState::Failed(e) => return Err(e),
                 _ => {}
             }
@@ -106,7 +159,9 @@ impl Fill {
         zerocopy: Option<Arc<Regions>>,
         on_chunk: impl Fn(u64) + Send + 'static,
     ) {
+        let streaming = Streaming::new(&self.clients);
         tokio::spawn(async move {
+            let _streaming = streaming;
             let mut rx = self.state.clone();
             let mut off = 0u64;
             loop {
@@ -210,9 +265,11 @@ impl Cache {
         let (file, spool) =
             self.store.spool().map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?;
         let (tx, rx) = watch::channel(FillState::Connecting);
+        let clients = Arc::new(Clients::default());
         let fill = Arc::new(Fill {
             digest: d.clone(),
             state: rx,
+            clients: clients.clone(),
             file: Arc::new(
                 file.try_clone().map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?,
             ),
@@ -226,6 +283,7 @@ impl Cache {
             digest: d.clone(),
             spool,
             tx,
+            clients,
         };
         tokio::spawn(job.run(file));
         Ok(Some((fill, false)))
@@ -241,6 +299,7 @@ struct FillJob {
     digest: Digest,
     spool: PathBuf,
     tx: watch::Sender<FillState>,
+    clients: Arc<Clients>,
 }
 
 impl FillJob {
@@ -324,14 +383,14 @@ impl FillJob {
         if size.is_some_and(|s| s != written) {
             return Err(UpstreamError::Invalid("blob body shorter than its Content-Length".into()).into());
         }
-        // The clients' last byte need not wait for the fsyncs and renames below.
+        // The clients' last byte need not wait for the fsyncs and renames below, and those
+        // wait for the clients. Until then, new requests join this fill and read the spool.
         self.tx.send_replace(FillState::Verified { size: written });
+        self.clients.gone(COMMIT_WAIT).await;
         let store: Arc<Store> = self.cache.store.clone();
         let (spool, d, key) = (self.spool.clone(), self.digest.clone(), self.key.clone());
         tokio::task::spawn_blocking(move || {
-            if std::env::var_os("XNOSYNC").is_none() {
-                f.sync_all()?;
-            }
+            f.sync_all()?;
             store.commit_blob(&spool, &d, written)?;
             store.link_layer(&key, &d)
         })
@@ -353,7 +412,8 @@ mod tests {
         std::fs::write(&path, vec![7u8; len]).expect("spool");
         let (tx, rx) = watch::channel(FillState::Streaming { size: Some(len as u64), written: len as u64 });
         let file = Arc::new(File::open(&path).expect("open"));
-        (Arc::new(Fill { digest: Digest::of(b""), state: rx, file }), tx, dir)
+        let fill = Fill { digest: Digest::of(b""), state: rx, file, clients: Arc::default() };
+        (Arc::new(fill), tx, dir)
     }
 
     async fn receive_at_least(rx: &mut mpsc::Receiver<io::Result<Bytes>>, n: usize) -> usize {
@@ -365,6 +425,29 @@ mod tests {
             }
         }
         got
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_commit_waits_for_streaming_clients_but_not_past_its_bound() {
+        let clients = Arc::new(Clients::default());
+        let (a, b) = (Streaming::new(&clients), Streaming::new(&clients));
+        let start = tokio::time::Instant::now();
+        let wait = tokio::spawn({
+            let clients = clients.clone();
+            async move { clients.gone(COMMIT_WAIT).await }
+        });
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!wait.is_finished(), "one client is still streaming");
+        drop(b);
+        wait.await.expect("wait");
+        assert!(start.elapsed() < COMMIT_WAIT, "the last client leaving ends the wait");
+
+        // A client that never finishes holds the commit back only so long.
+        let _stuck = Streaming::new(&clients);
+        let start = tokio::time::Instant::now();
+        clients.gone(COMMIT_WAIT).await;
+        assert!(start.elapsed() >= COMMIT_WAIT);
     }
 
     #[tokio::test]
