@@ -61,10 +61,14 @@ fn blob_file(w: &Wharf, digest: &str) -> std::path::PathBuf {
     w.data.join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
 }
 
-/// Waits until blob `digest` is in the store: clients get a blob's last byte once it is
-/// verified, and it is moved into place just after.
+/// Waits until blob `digest` is in the store and its download is over (links written):
+/// clients get a blob's last byte once it is verified, and it is stored after.
 async fn stored(w: &Wharf, digest: &str) {
-    wait_until(10, "the blob stored", || async { blob_file(w, digest).exists().then_some(()) }).await;
+    wait_until(10, "the blob stored", || async {
+        let done = blob_file(w, digest).exists() && w.metric("wharf_inflight_downloads", &[]).await == 0.0;
+        done.then_some(())
+    })
+    .await;
 }
 
 fn spool_files(w: &Wharf) -> usize {
