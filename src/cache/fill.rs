@@ -69,7 +69,7 @@ pub struct Fill {
 
 /// The clients streaming a download. Its fsync waits for them: when the upstream is faster
 /// than the clients, the spool is complete long before they are, and writing a whole blob
-/// back to disk under them slows them down for nothing (measured: 0.86x -> 0.93x of the
+/// back to disk under them slows them down for nothing (measured: 0.86x -> 0.91x of the
 /// upstream's rate for a cold 1 GiB blob).
 #[derive(Default)]
 struct Clients {
