@@ -320,7 +320,7 @@ impl FillJob {
             }
         };
         self.cache.fills.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.digest);
-        let _ = self.tx.send(state);
+        self.tx.send_replace(state);
     }
 
     async fn download(&self, file: File) -> Result<u64, CacheError> {

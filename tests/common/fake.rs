@@ -141,7 +141,7 @@ impl Fake {
 
     pub fn open_gate(&self) {
         if let Some(g) = self.state.gate.lock().expect("lock").as_ref() {
-            let _ = g.send(true);
+            g.send_replace(true);
         }
     }
 
