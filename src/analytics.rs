@@ -242,9 +242,12 @@ impl Analytics {
             .ok()
             .and_then(|v| v.get("config")?.get("digest")?.as_str().and_then(Digest::parse));
         let platform = config.and_then(|d| {
-            let f = self.store.blobs().open(&d).ok()??;
-            let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut buf).ok()?;
+            // Configs are small: the size check keeps a hostile manifest from making this
+            // read a layer.
+            if self.store.blob_size(&d).ok()?? > 1 << 20 {
+                return None;
+            }
+            let buf = self.store.read_blob(&d).ok()??;
             platform_string(&serde_json::from_slice(&buf).ok()?)
         });
         platform.unwrap_or_else(|| "unknown".into())
@@ -292,6 +295,14 @@ impl Analytics {
             self.store.add_tag_pulls(&key, &tag, &digest, n)?;
         }
         Ok(())
+    }
+}
+
+impl Analytics {
+    /// Drops per-day counts older than `days`; returns how many series went.
+    pub fn apply_retention(&self, days: u32) -> Result<usize, StoreError> {
+        let first_kept = day_of(SystemTime::now() - Duration::from_secs(u64::from(days) * 86_400));
+        self.store.drop_counts_before(&first_kept)
     }
 }
 

@@ -1,4 +1,4 @@
-//! Command-line interface: `serve`, `history`, `reindex`.
+//! Command-line interface: `serve`, `history`, `stats`, `reindex`, `gc`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -55,6 +55,21 @@ pub enum Command {
     },
     /// Rebuild the index from the storage tree (the server must be stopped).
     Reindex,
+    /// Remove what the cache no longer needs: blobs no cached manifest refers to, blobs
+    /// the index does not know, stale temp files, and least-recently-used blobs beyond
+    /// `cache.max_size`. Asks the running server when one holds the data dir.
+    Gc {
+        /// Report what would be removed, and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print what the index holds, without times, as JSON (server stopped). For checking
+    /// an index against one `reindex` rebuilt.
+    #[command(hide = true)]
+    DumpIndex,
 }
 
 impl Cli {

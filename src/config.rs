@@ -15,7 +15,7 @@ use crate::oci::valid_component;
 
 /// Top-level keys, the only ones taken from `WHARF_…` environment variables.
 const CONFIG_KEYS: &[&str] =
-    &["listen", "data_dir", "shutdown_grace", "upstreams", "tls", "analytics", "metrics"];
+    &["listen", "data_dir", "shutdown_grace", "upstreams", "tls", "analytics", "metrics", "cache"];
 
 /// Everything wharf reads at start-up.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -37,6 +37,100 @@ pub struct Config {
     pub analytics: AnalyticsConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// The cache's lifecycle: how big it may grow and what eviction may take.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bytes of stored blobs and manifests; 0 is unbounded.
+    pub max_size: ByteSize,
+    /// Free space to keep on the data dir's file system; 0 is none.
+    pub min_free: ByteSize,
+    /// Eviction frees down to this fraction of `max_size`, so it does not run per commit.
+    pub low_watermark: f64,
+    /// Nothing stored or used more recently than this is evicted or collected.
+    #[serde(with = "humantime_serde")]
+    pub min_age: Duration,
+    /// Globs on `<upstream>/<repository>:<tag>` whose images are never evicted.
+    pub pins: Vec<String>,
+    /// How often eviction and garbage collection run besides when a commit crosses the cap.
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_size: ByteSize(0),
+            min_free: ByteSize(0),
+            low_watermark: 0.9,
+            min_age: Duration::from_secs(3600),
+            pins: Vec::new(),
+            gc_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A byte count, written as a number or with a unit: `"200GiB"`, `"5 GB"`, `"512MiB"`, `1024`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Option<ByteSize> {
+        let s = s.trim();
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+        let (num, unit) = (s[..split].trim(), s[split..].trim());
+        let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "m" | "mb" => 1_000_000,
+            "g" | "gb" => 1_000_000_000,
+            "t" | "tb" => 1_000_000_000_000,
+            "ki" | "kib" => 1 << 10,
+            "mi" | "mib" => 1 << 20,
+            "gi" | "gib" => 1 << 30,
+            "ti" | "tib" => 1 << 40,
+            _ => return None,
+        };
+        if let Ok(n) = num.parse::<u64>() {
+            return n.checked_mul(mult).map(ByteSize);
+        }
+        let f: f64 = num.parse().ok()?;
+        (f.is_finite() && f >= 0.0 && f * (mult as f64) < u64::MAX as f64)
+            .then_some(ByteSize((f * mult as f64) as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).ok_or_else(|| {
+                serde::de::Error::custom(format!("{s:?} is not a size (e.g. \"200GiB\", \"5GB\", 1024)"))
+            }),
+        }
+    }
 }
 
 /// Pull analytics.
@@ -46,11 +140,13 @@ pub struct AnalyticsConfig {
     /// Cap on `wharf_pulls_total` repository × tag × platform series; pulls of further
     /// series are counted as repository="other", tag="other".
     pub max_series: usize,
+    /// Per-day counts older than this many days are dropped.
+    pub retention_days: u32,
 }
 
 impl Default for AnalyticsConfig {
     fn default() -> Self {
-        AnalyticsConfig { max_series: 10_000 }
+        AnalyticsConfig { max_series: 10_000, retention_days: 400 }
     }
 }
 
@@ -151,6 +247,7 @@ impl Default for Config {
             tls: None,
             analytics: AnalyticsConfig::default(),
             metrics: MetricsConfig::default(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -255,6 +352,20 @@ impl Config {
 
     /// Checks what serde cannot: names usable as storage paths, URL schemes.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.cache;
+        if !(c.low_watermark > 0.0 && c.low_watermark <= 1.0) {
+            return Err(ConfigError::Invalid(format!(
+                "cache.low_watermark {}: must be a fraction in (0, 1]",
+                c.low_watermark
+            )));
+        }
+        if c.gc_interval.is_zero() {
+            return Err(ConfigError::Invalid("cache.gc_interval: must be more than 0".into()));
+        }
+        for g in &c.pins {
+            globset::Glob::new(g)
+                .map_err(|e| ConfigError::Invalid(format!("cache.pins: bad pattern {g:?}: {e}")))?;
+        }
         if self.upstreams.is_empty() {
             return Err(ConfigError::Invalid("at least one [[upstreams]] entry is needed".into()));
         }
@@ -358,6 +469,40 @@ mod tests {
             let example = Config::load(Some(&path), &Overrides::default()).map_err(|e| e.to_string())?;
             let as_json = |c: &Config| serde_json::to_value(c).map_err(|e| e.to_string());
             assert_eq!(as_json(&example)?, as_json(&Config::default())?);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(ByteSize::parse("0"), Some(ByteSize(0)));
+        assert_eq!(ByteSize::parse("1024"), Some(ByteSize(1024)));
+        assert_eq!(ByteSize::parse("200GiB"), Some(ByteSize(200 << 30)));
+        assert_eq!(ByteSize::parse("5 GB"), Some(ByteSize(5_000_000_000)));
+        assert_eq!(ByteSize::parse("1.5MiB"), Some(ByteSize(3 << 19)));
+        assert_eq!(ByteSize::parse("100mib"), Some(ByteSize(100 << 20)));
+        assert_eq!(ByteSize::parse("12 parsecs"), None);
+        assert_eq!(ByteSize::parse("-1"), None);
+        assert_eq!(ByteSize::parse("99999999999TiB"), None);
+    }
+
+    #[test]
+    fn cache_keys_load_from_a_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "w.toml",
+                "[cache]\nmax_size = \"100MiB\"\nmin_free = 4096\nmin_age = \"0s\"\npins = [\"docker.io/library/*:*\"]\n",
+            )?;
+            let c =
+                Config::load(Some(Path::new("w.toml")), &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.cache.max_size, ByteSize(100 << 20));
+            assert_eq!(c.cache.min_free, ByteSize(4096));
+            assert_eq!(c.cache.min_age, Duration::ZERO);
+            assert_eq!(c.cache.low_watermark, 0.9);
+            jail.create_file("bad.toml", "[cache]\nmax_size = \"lots\"\n")?;
+            assert!(Config::load(Some(Path::new("bad.toml")), &Overrides::default()).is_err());
+            jail.create_file("bad2.toml", "[cache]\nlow_watermark = 1.5\n")?;
+            assert!(Config::load(Some(Path::new("bad2.toml")), &Overrides::default()).is_err());
             Ok(())
         });
     }

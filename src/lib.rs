@@ -77,7 +77,7 @@ impl AppState {
             Arc::new(analytics::Analytics::new(metrics.clone(), store.clone(), config.analytics.max_series));
         Ok(AppState {
             analytics,
-            cache: Arc::new(Cache::new(store, metrics.clone())),
+            cache: Arc::new(Cache::new(store, metrics.clone(), &config.cache)),
             config: Arc::new(config),
             metrics,
             upstreams: Arc::new(upstreams),

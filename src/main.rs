@@ -41,6 +41,8 @@ fn main() -> ExitCode {
         Command::History { image, json } => rt.block_on(history(config, &image, json)),
         Command::Stats { top, since, json } => rt.block_on(stats(config, top, since.as_deref(), json)),
         Command::Reindex => reindex(&config),
+        Command::Gc { dry_run, json } => rt.block_on(gc(config, dry_run, json)),
+        Command::DumpIndex => dump_index(&config),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,6 +93,15 @@ async fn shutdown_signal() {
 
 /// GETs `path` from the server that holds the data dir (its address is in server.json).
 async fn ask_server(config: &Config, path: &str) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    call_server(config, reqwest::Method::GET, path).await
+}
+
+/// Sends `method path` to the server that holds the data dir.
+async fn call_server(
+    config: &Config,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     let info: serde_json::Value =
         serde_json::from_slice(&std::fs::read(config.data_dir.join("wharf/server.json"))?)?;
     let mut addr: SocketAddr = info["addr"].as_str().ok_or("server.json has no addr")?.parse()?;
@@ -101,7 +112,7 @@ async fn ask_server(config: &Config, path: &str) -> Result<serde_json::Value, Bo
     // The server is on this machine and named in our own data dir; its certificate may be
     // for another name than the address we reach it by.
     let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build()?;
-    let resp = client.get(format!("{scheme}://{addr}{path}")).send().await?;
+    let resp = client.request(method, format!("{scheme}://{addr}{path}")).send().await?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await?;
     if !status.is_success() {
@@ -122,7 +133,9 @@ async fn stats(config: Config, top: usize, since: Option<&str>, json: bool) -> R
         ask_server(&config, &format!("/_wharf/stats?top={top}{since_q}")).await?
     } else {
         let state = AppState::open(config)?;
-        serde_json::to_value(wharf::analytics::report(state.store(), top, since)?)?
+        let report = serde_json::to_value(wharf::analytics::report(state.store(), top, since)?)?;
+        state.store().close()?;
+        report
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -166,6 +179,7 @@ async fn history(config: Config, image: &str, json: bool) -> Res {
         let key = state.repo_key(&name).map_err(|e| e.to_string())?;
         state.analytics.flush()?;
         let entries = state.store().history(&key, &tag)?;
+        state.store().close()?;
         if entries.is_empty() {
             return Err(format!("no history for {}:{tag}", key.as_str()).into());
         }
@@ -197,6 +211,49 @@ fn reindex(config: &Config) -> Res {
     let path: &Path = &config.data_dir;
     let store = Store::open(path)?;
     let stats = store.reindex()?;
+    store.close()?;
     println!("{}", serde_json::to_string(&stats)?);
+    Ok(())
+}
+
+fn dump_index(config: &Config) -> Res {
+    let store = Store::open(&config.data_dir)?;
+    let dump = store.dump()?;
+    store.close()?;
+    println!("{}", serde_json::to_string_pretty(&dump)?);
+    Ok(())
+}
+
+/// `wharf gc`: asks the running server when one holds the data dir, else works on it.
+async fn gc(config: Config, dry_run: bool, json: bool) -> Res {
+    let value = if store::is_locked(&config.data_dir) {
+        let method = if dry_run { reqwest::Method::GET } else { reqwest::Method::POST };
+        call_server(&config, method, "/_wharf/gc").await?
+    } else {
+        let state = AppState::open(config)?;
+        let report = state.cache.collect(dry_run).await.map_err(|e| e.to_string())?;
+        state.store().close()?;
+        serde_json::to_value(report)?
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let mb = |v: &serde_json::Value| n(v) as f64 / 1e6;
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for (reason, t) in value["by_reason"].as_object().into_iter().flatten() {
+        println!("{verb} {:>6} blobs {:>10.1} MB  ({reason})", n(&t["blobs"]), mb(&t["bytes"]));
+    }
+    println!("{verb} {:>6} temp files {:>6.1} MB", n(&value["spool_files"]), mb(&value["spool_bytes"]));
+    let limit = match n(&value["limit_bytes"]) {
+        0 => "unbounded".to_owned(),
+        l => format!("{:.1} MB", l as f64 / 1e6),
+    };
+    println!(
+        "cache: {:.1} MB -> {:.1} MB (limit {limit})",
+        mb(&value["cache_bytes_before"]),
+        mb(&value["cache_bytes_after"])
+    );
     Ok(())
 }

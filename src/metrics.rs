@@ -47,6 +47,13 @@ pub struct Metrics {
     /// Bytes and number of blobs (manifests included) in the cache, set when scraped.
     pub cache_bytes: IntGauge,
     pub cache_blobs: IntGauge,
+    /// The cache's size cap (0: unbounded).
+    pub cache_limit: IntGauge,
+    /// Blobs removed from the cache, and their bytes, by reason (lru, gc, orphan).
+    pub evictions: IntCounterVec,
+    pub evicted_bytes: IntCounterVec,
+    /// Downloads served to their clients but not stored, by reason (no_room, disk_full).
+    pub uncached_downloads: IntCounterVec,
     /// Error responses, by OCI error code.
     pub errors: IntCounterVec,
 }
@@ -175,6 +182,22 @@ impl Metrics {
                 .gauge("wharf_inflight_downloads", "Blob downloads from upstreams in progress"),
             cache_bytes: r.gauge("wharf_cache_bytes", "Bytes of blobs and manifests in the cache"),
             cache_blobs: r.gauge("wharf_cache_blobs", "Blobs and manifests in the cache"),
+            cache_limit: r.gauge("wharf_cache_limit_bytes", "The cache's size cap in bytes (0: unbounded)"),
+            evictions: r.counter_vec(
+                "wharf_cache_evictions_total",
+                "Blobs removed from the cache, by reason (lru: size cap, gc: unreferenced, orphan: not indexed)",
+                &["reason"],
+            ),
+            evicted_bytes: r.counter_vec(
+                "wharf_cache_evicted_bytes_total",
+                "Bytes of blobs removed from the cache, by reason",
+                &["reason"],
+            ),
+            uncached_downloads: r.counter_vec(
+                "wharf_cache_uncached_downloads_total",
+                "Downloads streamed to their clients but not stored, by reason (no_room, disk_full)",
+                &["reason"],
+            ),
             errors: r.counter_vec("wharf_errors_total", "Error responses by OCI error code", &["code"]),
             registry: r.r,
             names: r.names,

@@ -219,6 +219,35 @@ pub fn is_index(media_type: &str) -> bool {
     media_type == OCI_INDEX || media_type == DOCKER_LIST
 }
 
+/// What a manifest refers to: (child manifests of an index, blobs: config, layers and an
+/// artifact's blobs). The `subject` is not among them: a referrer depends on its subject's
+/// existence, not the other way round.
+pub fn references(manifest: &[u8]) -> (Vec<Digest>, Vec<Digest>) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(manifest) else {
+        return (Vec::new(), Vec::new());
+    };
+    let digests = |field: &str| -> Vec<Digest> {
+        v.get(field)
+            .and_then(|l| l.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Digest::parse(e.get("digest")?.as_str()?))
+            .collect()
+    };
+    let mut blobs = digests("layers");
+    blobs.extend(digests("blobs"));
+    blobs.extend(v.get("config").and_then(|c| Digest::parse(c.get("digest")?.as_str()?)));
+    // Docker schema 1 names its layers in fsLayers[].blobSum.
+    blobs.extend(
+        v.get("fsLayers")
+            .and_then(|l| l.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Digest::parse(e.get("blobSum")?.as_str()?)),
+    );
+    (digests("manifests"), blobs)
+}
+
 /// The child of an index that serves clients which cannot read indexes: linux/amd64,
 /// as distribution picks it.
 pub fn default_platform_child(index: &[u8]) -> Option<Digest> {
@@ -237,6 +266,24 @@ pub fn default_platform_child(index: &[u8]) -> Option<Digest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn references_are_children_and_blobs_but_not_the_subject() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let index = serde_json::json!({"manifests": [{"digest": d('a')}, {"digest": d('b')}]});
+        let (m, b) = references(index.to_string().as_bytes());
+        assert_eq!((m.len(), b.len()), (2, 0));
+        let image = serde_json::json!({
+            "config": {"digest": d('c')}, "layers": [{"digest": d('d')}, {"digest": "junk"}],
+            "subject": {"digest": d('e')}
+        });
+        let (m, b) = references(image.to_string().as_bytes());
+        assert!(m.is_empty());
+        let mut b: Vec<String> = b.iter().map(|x| x.to_string()).collect();
+        b.sort();
+        assert_eq!(b, vec![d('c'), d('d')]);
+        assert_eq!(references(b"not json"), (Vec::new(), Vec::new()));
+    }
 
     #[test]
     fn names_follow_the_oci_grammar() {

@@ -37,6 +37,12 @@ impl http_body::Body for ChannelBody {
     }
 }
 
+/// A body from a stream of chunks; an `Err` item aborts the response.
+pub fn stream(s: impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static) -> Body {
+    use futures_util::StreamExt;
+    http_body_util::StreamBody::new(s.map(|r| r.map(Frame::data))).boxed_unsync()
+}
+
 /// A channel and the body it feeds.
 pub fn channel(depth: usize) -> (mpsc::Sender<io::Result<Bytes>>, Body) {
     let (tx, rx) = mpsc::channel(depth);

@@ -18,7 +18,7 @@ pub use error::ApiError;
 pub use route::{parse as parse_route, Route};
 
 use crate::analytics::ManifestServed;
-use crate::cache::{read_at, BlobSource, ServedManifest};
+use crate::cache::{read_at, BlobBody, Lease, ServedManifest};
 use crate::oci::{default_platform_child, is_index, Digest, Reference, RepoName, Tag, OCI_MANIFEST};
 use crate::store::RepoKey;
 use crate::upstream::Upstream;
@@ -37,7 +37,8 @@ pub async fn handle(state: AppState, req: Request<Incoming>, client: IpAddr) -> 
     let span = tracing::info_span!("request", method = %method, route = label, uri = %req.uri());
     let head = method == Method::HEAD;
     let resp = async {
-        if method != Method::GET && method != Method::HEAD {
+        let gc_run = method == Method::POST && matches!(route, Ok(Route::Gc));
+        if method != Method::GET && method != Method::HEAD && !gc_run {
             return Err(ApiError::Unsupported(format!(
                 "{method} is not supported: wharf is a read-only mirror"
             )));
@@ -48,7 +49,7 @@ pub async fn handle(state: AppState, req: Request<Incoming>, client: IpAddr) -> 
             Version::HTTP_10 | Version::HTTP_11 => req.extensions().get::<Arc<Regions>>(),
             _ => None,
         };
-        let ctx = Ctx { query: &query, headers: req.headers(), head, client, zerocopy };
+        let ctx = Ctx { query: &query, headers: req.headers(), head, client, zerocopy, post: gc_run };
         dispatch(&state, route?, &ctx).await
     }
     .instrument(span.clone())
@@ -65,8 +66,8 @@ pub async fn handle(state: AppState, req: Request<Incoming>, client: IpAddr) -> 
 /// The admin listener (`metrics.listen`): `/metrics` and `/_wharf/health` only.
 pub async fn handle_admin(state: AppState, req: hyper::Request<Incoming>, client: IpAddr) -> Response<Body> {
     match route::parse(req.uri().path()) {
-        Ok(Route::Metrics | Route::Health) => handle(state, req, client).await,
-        _ => ApiError::NotFound("this address serves /metrics and /_wharf/health only".into())
+        Ok(Route::Metrics | Route::Health | Route::Gc) => handle(state, req, client).await,
+        _ => ApiError::NotFound("this address serves /metrics, /_wharf/health and /_wharf/gc only".into())
             .into_response(&state.metrics, req.method() == Method::HEAD),
     }
 }
@@ -80,6 +81,8 @@ struct Ctx<'a> {
     client: IpAddr,
     /// Set on plain-TCP HTTP/1 connections, which can send stored blobs by `sendfile`.
     zerocopy: Option<&'a Arc<Regions>>,
+    /// A POST (only `/_wharf/gc` takes one).
+    post: bool,
 }
 
 async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
@@ -115,7 +118,6 @@ async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Respo
                 result: m.result,
                 head,
             });
-            state.store().touch(&m.digest);
             tracing::debug!(upstream = %up.name, repository = %name, digest = %m.digest, cache = m.result.as_str(), "manifest");
             Ok(manifest_response(&m, head))
         }
@@ -156,6 +158,12 @@ async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Respo
             Ok(listing_response(json, &page, "/v2/_catalog", query, head))
         }
         Route::History { name, tag } => history(state, &name, &tag, query, head),
+        Route::Gc => {
+            // GET is a dry run: it reports and changes nothing.
+            let report = state.cache.collect(!req.post).await.map_err(|e| ApiError::from_cache(e, false))?;
+            let json = serde_json::to_vec(&report).map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(json_response(StatusCode::OK, Bytes::from(json), head))
+        }
         Route::Stats => {
             let report =
                 crate::analytics::report(state.store(), query.top.unwrap_or(10), query.since.as_deref())
@@ -388,27 +396,35 @@ async fn blob_get(
     req: &Ctx<'_>,
 ) -> Result<Response<Body>, ApiError> {
     let range = req.headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let src = state.cache.blob(up, name, d).await.map_err(|e| ApiError::from_cache(e, true))?;
-    let result = match &src {
-        BlobSource::Cached { .. } | BlobSource::Small(_) => "hit",
-        BlobSource::Filling { joined: true, .. } => "joined",
-        BlobSource::Filling { .. } => "miss",
-    };
-    state.analytics.blob_served(&up.name, result);
-    match (src, range) {
-        (BlobSource::Cached { file, size }, range) => {
-            serve_file(state, Source::File(file), size, d, range.as_deref(), req.zerocopy)
+    let answer =
+        state.cache.blob(up, name, d, range.is_some()).await.map_err(|e| ApiError::from_cache(e, true))?;
+    state.analytics.blob_served(&up.name, answer.result.as_str());
+    let from_cache = answer.result == crate::cache::BlobResult::Hit;
+    match answer.body {
+        BlobBody::File { file, size, lease } => {
+            let src = Source::File(file, lease);
+            serve_file(state, src, size, d, range.as_deref(), req.zerocopy, from_cache)
         }
-        (BlobSource::Small(bytes), range) => {
+        BlobBody::Bytes(bytes) => {
             let size = bytes.len() as u64;
-            serve_file(state, Source::Bytes(bytes), size, d, range.as_deref(), None)
+            serve_file(state, Source::Bytes(bytes), size, d, range.as_deref(), None, from_cache)
         }
-        (BlobSource::Filling { fill, .. }, Some(range)) => {
-            // A range of an unverified download cannot be vouched for: wait for the whole.
-            let (file, size) = fill.verified().await.map_err(|e| ApiError::from_cache(e, true))?;
-            serve_file(state, Source::File(file), size, d, Some(&range), req.zerocopy)
+        BlobBody::Stream { body, size, lease } => {
+            // The backend cut the range only if it could; a client asking for part of a
+            // blob may be sent all of it (200), which every registry client handles.
+            let analytics = state.analytics.clone();
+            let counted = futures_util::StreamExt::map(body, move |chunk| {
+                let _held = &lease;
+                if let Ok(c) = &chunk {
+                    analytics.blob_bytes(true, c.len() as u64);
+                }
+                chunk
+            });
+            let mut r = Response::new(body::stream(counted));
+            blob_headers(r.headers_mut(), d, Some(size));
+            Ok(r)
         }
-        (BlobSource::Filling { fill, size, .. }, None) => {
+        BlobBody::Filling { fill, size } => {
             // Each client of a download holds at most one chunk queued: herds stay small.
             let (tx, body) = body::channel(1);
             let analytics = state.analytics.clone();
@@ -467,9 +483,10 @@ fn parse_range(h: Option<&str>, size: u64) -> ByteRange {
     }
 }
 
-/// Stored bytes to serve: a file, or a small blob held in memory.
+/// Stored bytes to serve: a file (with the lease that keeps it from eviction while it is
+/// read), or a small blob held in memory.
 enum Source {
-    File(std::fs::File),
+    File(std::fs::File, Option<Lease>),
     Bytes(Bytes),
 }
 
@@ -480,6 +497,7 @@ fn serve_file(
     d: &Digest,
     range: Option<&str>,
     zerocopy: Option<&Arc<Regions>>,
+    from_cache: bool,
 ) -> Result<Response<Body>, ApiError> {
     let (start, len, status) = match parse_range(range, size) {
         ByteRange::Whole => (0, size, StatusCode::OK),
@@ -488,19 +506,23 @@ fn serve_file(
     };
     let body = match src {
         Source::Bytes(b) => {
-            state.analytics.blob_bytes(true, len);
+            state.analytics.blob_bytes(from_cache, len);
             body::full(b.slice(start as usize..(start + len) as usize))
         }
-        Source::File(file) if len <= INLINE_READ_MAX => {
+        Source::File(file, _lease) if len <= INLINE_READ_MAX => {
             // Small and almost always in the page cache: one positional read costs less
             // than handing the response to the blocking pool.
             let bytes = read_at(&file, start, len as usize).map_err(|e| ApiError::Internal(e.to_string()))?;
-            state.analytics.blob_bytes(true, len);
+            state.analytics.blob_bytes(from_cache, len);
             body::full(bytes)
         }
-        Source::File(file) => {
+        Source::File(file, lease) => {
             let analytics = state.analytics.clone();
-            let on_chunk = move |n| analytics.blob_bytes(true, n);
+            // The lease lives as long as the body that reads the file.
+            let on_chunk = move |n| {
+                let _held = &lease;
+                analytics.blob_bytes(from_cache, n)
+            };
             match zerocopy {
                 Some(regions) => body::mapped(regions, file, start, len, on_chunk)
                     .map_err(|e| ApiError::Internal(format!("mapping a stored blob: {e}")))?,

@@ -23,6 +23,8 @@ pub enum Route {
     Metrics,
     /// `/_wharf/stats`
     Stats,
+    /// `/_wharf/gc`: GET reports what a collection would remove, POST runs one.
+    Gc,
     /// `/_wharf/health`
     Health,
 }
@@ -39,6 +41,7 @@ impl Route {
             Route::History { .. } => "history",
             Route::Metrics => "metrics",
             Route::Stats => "stats",
+            Route::Gc => "gc",
             Route::Health => "health",
         }
     }
@@ -58,6 +61,7 @@ pub fn parse(path: &str) -> Result<Route, ApiError> {
         "/metrics" => return Ok(Route::Metrics),
         "/_wharf/health" => return Ok(Route::Health),
         "/_wharf/stats" => return Ok(Route::Stats),
+        "/_wharf/gc" => return Ok(Route::Gc),
         _ => {}
     }
     if let Some(rest) = path.strip_prefix("/_wharf/history/") {

@@ -262,7 +262,7 @@ impl Cache {
         if self.store.blob_size(d)?.is_some() {
             return Ok(None);
         }
-        let (file, spool) =
+        let crate::store::Spool { file, path: spool } =
             self.store.spool().map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?;
         let (tx, rx) = watch::channel(FillState::Connecting);
         let clients = Arc::new(Clients::default());
@@ -326,6 +326,13 @@ impl FillJob {
     async fn download(&self, file: File) -> Result<u64, CacheError> {
         let resp = self.up.get_blob(&self.repo, &self.digest).await?;
         let size = resp.content_length();
+        if let Some(n) = size {
+            // Make room before the bytes land, so the spool does not fill the disk. Only
+            // advice: whether the blob is stored is decided when it is complete.
+            if let Err(e) = self.cache.make_room(n).await {
+                tracing::warn!(error = %e, "eviction before a download failed");
+            }
+        }
         self.tx.send_replace(FillState::Streaming { size, written: 0 });
         let mut stream = resp.bytes_stream();
         let mut written = 0u64;
@@ -369,7 +376,16 @@ impl FillJob {
             })
             .await
             .map_err(|e| CacheError::Internal(e.to_string()))?;
-            res.map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?;
+            if let Err(e) = res {
+                if e.raw_os_error() == Some(28) {
+                    // ENOSPC: the clients' transfer is cut (the spool is how they are fed);
+                    // free what the policy allows so the next try fits.
+                    self.cache.metrics.uncached_downloads.with_label_values(&["disk_full"]).inc();
+                    let cache = self.cache.clone();
+                    tokio::spawn(async move { cache.make_room(n).await });
+                }
+                return Err(CacheError::from(crate::store::StoreError::from(e)));
+            }
             sink = Some((f, h));
             written += n;
             self.up.count_body_bytes(n);
@@ -387,6 +403,13 @@ impl FillJob {
         // wait for the clients. Until then, new requests join this fill and read the spool.
         self.tx.send_replace(FillState::Verified { size: written });
         self.clients.gone(COMMIT_WAIT).await;
+        if !self.cache.make_room(written).await? {
+            // Served, not stored: everything left is pinned, in use or too young to evict.
+            self.cache.metrics.uncached_downloads.with_label_values(&["no_room"]).inc();
+            tracing::warn!(upstream = %self.up.name, repository = %self.repo, digest = %self.digest, bytes = written, "no room in the cache; blob served but not stored");
+            let _ = std::fs::remove_file(&self.spool);
+            return Ok(written);
+        }
         let store: Arc<Store> = self.cache.store.clone();
         let (spool, d, key) = (self.spool.clone(), self.digest.clone(), self.key.clone());
         tokio::task::spawn_blocking(move || {

@@ -4,6 +4,7 @@
 
 mod fill;
 mod flight;
+mod lifecycle;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -11,12 +12,15 @@ use std::sync::{Arc, Mutex};
 
 pub use fill::{read_at, Fill};
 use flight::Flights;
+pub use lifecycle::{GcReport, Lease, Reason};
+use lifecycle::{Leases, Policy};
 
+use crate::config::CacheConfig;
 use crate::metrics::Metrics;
 use crate::oci::{
     manifest_media_type, Digest, RepoName, Tag, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
-use crate::store::{now_ms, RepoKey, Store, StoreError, StoredManifest};
+use crate::store::{now_ms, BlobRead, RepoKey, Store, StoreError, StoredManifest};
 use crate::upstream::{Upstream, UpstreamError};
 
 /// Why the cache could not answer. `Clone`, so joined requests share one outcome.
@@ -75,20 +79,48 @@ pub struct ServedManifest {
     pub result: ManifestResult,
 }
 
+/// How a blob request was answered (the `result` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobResult {
+    /// From the store.
+    Hit,
+    /// Joined a download another request started.
+    Joined,
+    /// Started a download.
+    Miss,
+}
+
+impl BlobResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlobResult::Hit => "hit",
+            BlobResult::Joined => "joined",
+            BlobResult::Miss => "miss",
+        }
+    }
+}
+
 /// Where a blob's bytes come from.
-pub enum BlobSource {
-    Cached {
-        file: File,
-        size: u64,
-    },
+pub enum BlobBody {
+    /// A stored blob in a local file (read at offsets; `sendfile` works on it). The lease
+    /// keeps eviction off it until the response is done with it.
+    File { file: File, size: u64, lease: Option<Lease> },
     /// A small blob held in memory.
-    Small(bytes::Bytes),
-    /// A download in flight; `joined` when another request started it.
-    Filling {
-        fill: Arc<Fill>,
-        size: Option<u64>,
-        joined: bool,
+    Bytes(bytes::Bytes),
+    /// A stored blob streamed from the backend (already cut to the range asked for).
+    Stream {
+        body: std::pin::Pin<Box<dyn futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>,
+        size: u64,
+        lease: Lease,
     },
+    /// A download in flight: streamed to the client as it arrives.
+    Filling { fill: Arc<Fill>, size: Option<u64> },
+}
+
+/// A blob GET, answered.
+pub struct BlobAnswer {
+    pub body: BlobBody,
+    pub result: BlobResult,
 }
 
 /// One page of names (`tags/list`, `_catalog`).
@@ -146,6 +178,12 @@ pub struct Cache {
     tag_flights: Flights<(RepoKey, Tag), Result<Revalidation, CacheError>>,
     /// Manifest fetches by digest in flight.
     manifest_flights: Flights<(RepoKey, Digest), Result<(), CacheError>>,
+    /// Size cap, pins and ages for eviction and collection.
+    policy: Policy,
+    /// Blobs responses are reading: never evicted meanwhile.
+    leases: Arc<Leases>,
+    /// One eviction or collection pass at a time.
+    pass: Mutex<()>,
 }
 
 /// Runs blocking store work off the async workers.
@@ -159,13 +197,17 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Cache {
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Cache {
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, config: &CacheConfig) -> Cache {
+        metrics.cache_limit.set(config.max_size.0 as i64);
         Cache {
             store,
             metrics,
             fills: Mutex::new(HashMap::new()),
             tag_flights: Flights::new(),
             manifest_flights: Flights::new(),
+            policy: Policy::new(config),
+            leases: Arc::default(),
+            pass: Mutex::new(()),
         }
     }
 
@@ -193,6 +235,7 @@ impl Cache {
         };
         if let Some((d, man, checked)) = &cached {
             if now_ms().saturating_sub(*checked) < up.tag_ttl.as_millis() as u64 {
+                self.store.touch(d);
                 return Ok(ServedManifest {
                     digest: d.clone(),
                     manifest: man.clone(),
@@ -211,6 +254,7 @@ impl Cache {
                 },
             )
             .await;
+        let res = res.inspect(|rev| self.store.touch(&rev.digest));
         match res {
             Ok(rev) => {
                 let manifest = self.store.manifest(&key, &rev.digest)?.ok_or(UpstreamError::NotFound)?;
@@ -223,6 +267,7 @@ impl Cache {
             }
             Err(CacheError::Upstream(e)) if e.is_transient() => match cached {
                 Some((digest, manifest, _)) => {
+                    self.store.touch(&digest);
                     self.metrics.stale_served.with_label_values(&[&up.name]).inc();
                     tracing::warn!(upstream = %up.name, repository = %name, tag = %tag, digest = %digest, error = %e, "upstream cannot answer; serving the last known digest");
                     Ok(ServedManifest { digest, manifest, result: ManifestResult::Stale })
@@ -280,6 +325,7 @@ impl Cache {
         d: &Digest,
     ) -> Result<ServedManifest, CacheError> {
         let key = RepoKey::new(&up.name, name);
+        self.store.touch(d);
         if let Some(manifest) = self.store.manifest(&key, d)? {
             return Ok(ServedManifest { digest: d.clone(), manifest, result: ManifestResult::Hit });
         }
@@ -328,57 +374,72 @@ impl Cache {
         blocking(move || store.put_manifest(&key, &d, &bytes, &media_type)).await
     }
 
-    /// A blob to GET: the stored file, or a download in flight (started if need be).
+    /// A blob to GET: the stored blob, or a download in flight (started if need be). With
+    /// `ranged` (the client asked for part of it), a download is waited for until verified
+    /// and its spool served: a range of unverified bytes cannot be vouched for.
     pub async fn blob(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
         name: &RepoName,
         d: &Digest,
-    ) -> Result<BlobSource, CacheError> {
+        ranged: bool,
+    ) -> Result<BlobAnswer, CacheError> {
         let key = RepoKey::new(&up.name, name);
         loop {
-            if let Some(src) = self.cached_blob(&key, d)? {
-                return Ok(src);
+            if let Some(body) = self.cached_blob(&key, d)? {
+                return Ok(BlobAnswer { body, result: BlobResult::Hit });
             }
-            match self.join_or_start_fill(up, name, &key, d)? {
-                Some((fill, joined)) => {
-                    if joined {
-                        self.metrics.coalesced.inc();
-                    }
-                    let size = fill.ready().await?;
-                    return Ok(BlobSource::Filling { fill, size, joined });
-                }
+            let Some((fill, joined)) = self.join_or_start_fill(up, name, &key, d)? else {
                 // Stored between our look and the lock: serve it from the store.
-                None => continue,
+                continue;
+            };
+            let result = if joined {
+                self.metrics.coalesced.inc();
+                BlobResult::Joined
+            } else {
+                BlobResult::Miss
+            };
+            self.store.touch(d);
+            if ranged {
+                let (file, size) = fill.verified().await?;
+                return Ok(BlobAnswer { body: BlobBody::File { file, size, lease: None }, result });
             }
+            let size = fill.ready().await?;
+            return Ok(BlobAnswer { body: BlobBody::Filling { fill, size }, result });
         }
     }
 
-    fn cached_blob(&self, key: &RepoKey, d: &Digest) -> Result<Option<BlobSource>, CacheError> {
+    fn cached_blob(&self, key: &RepoKey, d: &Digest) -> Result<Option<BlobBody>, CacheError> {
         if let Some(bytes) = self.store.small_blob(d) {
             self.store.link_layer(key, d)?;
             self.store.touch(d);
-            return Ok(Some(BlobSource::Small(bytes)));
+            return Ok(Some(BlobBody::Bytes(bytes)));
         }
-        match self.store.blobs().open(d).map_err(StoreError::from)? {
-            Some(file) => {
-                let size = file.metadata().map_err(StoreError::from)?.len();
+        // Leased before it is opened, so eviction cannot slip in between.
+        let lease = self.leases.take(d);
+        match self.store.open_blob(d, None)? {
+            Some(BlobRead::File { file, size }) => {
                 self.store.link_layer(key, d)?;
                 self.store.touch(d);
                 if size <= crate::store::SMALL_BLOB_MAX {
                     if let Ok(bytes) = read_at(&file, 0, size as usize) {
                         self.store.remember_small_blob(d, bytes.clone());
-                        return Ok(Some(BlobSource::Small(bytes)));
+                        return Ok(Some(BlobBody::Bytes(bytes)));
                     }
                 }
-                Ok(Some(BlobSource::Cached { file, size }))
+                Ok(Some(BlobBody::File { file, size, lease: Some(lease) }))
+            }
+            Some(BlobRead::Stream { body, size }) => {
+                self.store.link_layer(key, d)?;
+                self.store.touch(d);
+                Ok(Some(BlobBody::Stream { body, size, lease }))
             }
             None => Ok(None),
         }
     }
 
     /// A blob's size for HEAD: from the store, a fill in flight, or an upstream HEAD
-    /// (a HEAD does not start a download).
+    /// (a HEAD does not start a download). Also whether it is cached.
     pub async fn blob_size(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
@@ -387,6 +448,7 @@ impl Cache {
     ) -> Result<(Option<u64>, bool), CacheError> {
         if let Some(size) = self.store.blob_size(d)? {
             self.store.link_layer(&RepoKey::new(&up.name, name), d)?;
+            self.store.touch(d);
             return Ok((Some(size), true));
         }
         let inflight = self.fills.lock().unwrap_or_else(|p| p.into_inner()).get(d).cloned();

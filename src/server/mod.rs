@@ -108,8 +108,8 @@ pub async fn serve_with_admin(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if let Err(e) = state.analytics.flush().and_then(|_| state.store().flush()) {
-        tracing::error!(error = %e, "index flush failed");
+    if let Err(e) = state.analytics.flush().and_then(|_| state.store().close()) {
+        tracing::error!(error = %e, "index flush failed; the next start checks the index against the tree");
     }
     Ok(())
 }
@@ -137,17 +137,53 @@ async fn serve_connection<I>(
     }
 }
 
-/// Writes batched last-access times and analytics counts to the index now and then.
+/// Background upkeep: batched last-access times and analytics counts go to disk every
+/// 10 s; the cache is collected (and evicted down to its cap) every `cache.gc_interval`;
+/// analytics older than their retention are dropped once a day.
 async fn flush_access_periodically(state: AppState) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let gc_every = state.config.cache.gc_interval;
+    let mut next_gc = tokio::time::Instant::now() + gc_every;
+    let mut next_retention = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         let (store, analytics) = (state.store().clone(), state.analytics.clone());
-        match tokio::task::spawn_blocking(move || store.flush_access().and_then(|_| analytics.flush())).await
-        {
+        let retention =
+            (tokio::time::Instant::now() >= next_retention).then_some(state.config.analytics.retention_days);
+        let res = tokio::task::spawn_blocking(move || {
+            store.flush_access().and_then(|_| analytics.flush())?;
+            if let Some(days) = retention {
+                let dropped = analytics.apply_retention(days)?;
+                if dropped > 0 {
+                    tracing::info!(series = dropped, days, "dropped per-day analytics past their retention");
+                }
+            }
+            Ok::<_, crate::store::StoreError>(())
+        })
+        .await;
+        match res {
             Ok(Err(e)) => tracing::warn!(error = %e, "writing last-access times failed"),
             Err(e) => tracing::warn!(error = %e, "last-access flush task failed"),
-            Ok(Ok(_)) => {}
+            Ok(Ok(())) => {}
+        }
+        if retention.is_some() {
+            next_retention = tokio::time::Instant::now() + Duration::from_secs(86_400);
+        }
+        if tokio::time::Instant::now() >= next_gc {
+            next_gc = tokio::time::Instant::now() + gc_every;
+            match state.cache.collect(false).await {
+                Ok(r) if !r.removed.is_empty() || r.spool_files > 0 => {
+                    tracing::info!(
+                        blobs = r.removed.len(),
+                        bytes_before = r.cache_bytes_before,
+                        bytes_after = r.cache_bytes_after,
+                        spool_files = r.spool_files,
+                        "cache collected"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cache collection failed"),
+            }
         }
     }
 }

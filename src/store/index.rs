@@ -1,5 +1,6 @@
 //! The sled index over the storage tree: blob sizes and media types, tag state and per-tag
 //! history with first- and last-seen times. Derived data: `reindex` rebuilds it from the tree.
+//! (Pull counts are not derivable: they live in [`super::counters`].)
 
 use std::path::Path;
 
@@ -34,9 +35,6 @@ pub struct TagMeta {
 pub struct Seen {
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
-    /// Pulls of the tag while it pointed here.
-    #[serde(default)]
-    pub pulls: u64,
 }
 
 pub struct Index {
@@ -44,22 +42,35 @@ pub struct Index {
     blobs: sled::Tree,
     tags: sled::Tree,
     history: sled::Tree,
-    /// Analytics counters (`u64` little-endian). Not derived from the tree: kept by reindex.
-    counters: sled::Tree,
 }
 
 fn tag_key(r: &RepoKey, t: &Tag) -> String {
     format!("{}\t{}", r.as_str(), t.as_str())
 }
 
+/// The history key of (tag, digest): also the key of its pull count in the counters.
+pub fn history_key(r: &RepoKey, t: &Tag, d: &Digest) -> String {
+    format!("{}\t{}", tag_key(r, t), d.hex())
+}
+
 fn get<T: DeserializeOwned>(tree: &sled::Tree, key: impl AsRef<[u8]>) -> sled::Result<Option<T>> {
     Ok(tree.get(key)?.and_then(|v| serde_json::from_slice(&v).ok()))
 }
 
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("index values always serialize")
+}
+
 fn put<T: Serialize>(tree: &sled::Tree, key: impl AsRef<[u8]>, v: &T) -> sled::Result<()> {
-    let bytes = serde_json::to_vec(v).expect("index values always serialize");
-    tree.insert(key.as_ref(), bytes)?;
+    tree.insert(key.as_ref(), encode(v))?;
     Ok(())
+}
+
+fn tx_get<T: DeserializeOwned>(
+    tree: &sled::transaction::TransactionalTree,
+    key: &str,
+) -> sled::transaction::ConflictableTransactionResult<Option<T>> {
+    Ok(tree.get(key.as_bytes())?.and_then(|v| serde_json::from_slice(&v).ok()))
 }
 
 impl Index {
@@ -71,9 +82,21 @@ impl Index {
             blobs: db.open_tree("blobs")?,
             tags: db.open_tree("tags")?,
             history: db.open_tree("history")?,
-            counters: db.open_tree("counters")?,
             db,
         })
+    }
+
+    /// Trees an older index kept analytics in: the counters, and pull counts inside history.
+    pub fn legacy_analytics(&self) -> sled::Result<Option<(sled::Tree, sled::Tree)>> {
+        if !self.db.tree_names().iter().any(|n| &n[..] == b"counters") {
+            return Ok(None);
+        }
+        Ok(Some((self.db.open_tree("counters")?, self.history.clone())))
+    }
+
+    pub fn drop_legacy_analytics(&self) -> sled::Result<()> {
+        self.db.drop_tree("counters")?;
+        Ok(())
     }
 
     pub fn blob(&self, d: &Digest) -> sled::Result<Option<BlobMeta>> {
@@ -84,20 +107,83 @@ impl Index {
         put(&self.blobs, d.hex(), m)
     }
 
+    /// Removes a blob's entry; what it said, when there was one.
+    pub fn remove_blob(&self, d: &Digest) -> sled::Result<Option<BlobMeta>> {
+        Ok(self.blobs.remove(d.hex())?.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Every indexed blob.
+    pub fn blobs(&self) -> impl Iterator<Item = sled::Result<(Digest, BlobMeta)>> + '_ {
+        self.blobs.iter().filter_map(|kv| match kv {
+            Err(e) => Some(Err(e)),
+            Ok((k, v)) => {
+                let d = std::str::from_utf8(&k).ok().and_then(|h| Digest::parse(&format!("sha256:{h}")))?;
+                let m = serde_json::from_slice::<BlobMeta>(&v).ok()?;
+                Some(Ok((d, m)))
+            }
+        })
+    }
+
     pub fn tag(&self, r: &RepoKey, t: &Tag) -> sled::Result<Option<TagMeta>> {
         get(&self.tags, tag_key(r, t))
     }
 
-    pub fn put_tag(&self, r: &RepoKey, t: &Tag, m: &TagMeta) -> sled::Result<()> {
-        put(&self.tags, tag_key(r, t), m)
+    /// Every tag: (`<repo>\t<tag>`, its state).
+    pub fn tags(&self) -> impl Iterator<Item = sled::Result<(String, TagMeta)>> + '_ {
+        self.tags.iter().filter_map(|kv| match kv {
+            Err(e) => Some(Err(e)),
+            Ok((k, v)) => {
+                Some(Ok((String::from_utf8(k.to_vec()).ok()?, serde_json::from_slice::<TagMeta>(&v).ok()?)))
+            }
+        })
+    }
+
+    /// Every history entry: (`<repo>\t<tag>\t<hex>`, times).
+    pub fn all_history(&self) -> impl Iterator<Item = sled::Result<(String, Seen)>> + '_ {
+        self.history.iter().filter_map(|kv| match kv {
+            Err(e) => Some(Err(e)),
+            Ok((k, v)) => {
+                Some(Ok((String::from_utf8(k.to_vec()).ok()?, serde_json::from_slice::<Seen>(&v).ok()?)))
+            }
+        })
     }
 
     pub fn seen(&self, r: &RepoKey, t: &Tag, d: &Digest) -> sled::Result<Option<Seen>> {
-        get(&self.history, format!("{}\t{}", tag_key(r, t), d.hex()))
+        get(&self.history, history_key(r, t, d))
     }
 
-    pub fn put_seen(&self, r: &RepoKey, t: &Tag, d: &Digest, s: &Seen) -> sled::Result<()> {
-        put(&self.history, format!("{}\t{}", tag_key(r, t), d.hex()), s)
+    /// Records that `t` points at `d` as of `now`, in one transaction: the previous digest's
+    /// last-seen time, this digest's history entry and the tag's state change together or
+    /// not at all. Returns the previous state.
+    pub fn record_tag(&self, r: &RepoKey, t: &Tag, d: &Digest, now: u64) -> sled::Result<Option<TagMeta>> {
+        use sled::Transactional;
+        let key = tag_key(r, t);
+        let this = history_key(r, t, d);
+        let res = (&self.tags, &self.history).transaction(|(tags, history)| {
+            let prev: Option<TagMeta> = tx_get(tags, &key)?;
+            if let Some(p) = prev.as_ref().filter(|p| p.digest != d.to_string()) {
+                if let Some(pd) = Digest::parse(&p.digest) {
+                    let pk = history_key(r, t, &pd);
+                    if let Some(mut s) = tx_get::<Seen>(history, &pk)? {
+                        s.last_seen_ms = now;
+                        history.insert(pk.as_bytes(), encode(&s))?;
+                    }
+                }
+            }
+            let seen = match tx_get::<Seen>(history, &this)? {
+                Some(s) => Seen { last_seen_ms: now, ..s },
+                None => Seen { first_seen_ms: now, last_seen_ms: now },
+            };
+            history.insert(this.as_bytes(), encode(&seen))?;
+            tags.insert(key.as_bytes(), encode(&TagMeta { digest: d.to_string(), checked_ms: now }))?;
+            Ok(prev)
+        });
+        res.map_err(|e| match e {
+            sled::transaction::TransactionError::Storage(e) => e,
+            sled::transaction::TransactionError::Abort(()) => {
+                sled::Error::Unsupported("tag transaction aborted".into())
+            }
+        })
     }
 
     /// Every digest the tag pointed at, in no particular order.
@@ -125,71 +211,34 @@ impl Index {
             .collect()
     }
 
-    /// Adds to counters.
-    pub fn add_counters<'a>(
+    /// Replaces the whole derived content with `blobs`, `tags` and `history`. Not atomic:
+    /// the caller clears the built mark first and sets it after.
+    pub fn replace_all(
         &self,
-        adds: impl IntoIterator<Item = (&'a String, &'a u64)>,
+        blobs: Vec<(Digest, BlobMeta)>,
+        tags: Vec<(String, TagMeta)>,
+        history: Vec<(String, Seen)>,
     ) -> sled::Result<()> {
-        for (k, n) in adds {
-            self.counters.update_and_fetch(k.as_bytes(), |old| {
-                let v = old.and_then(|o| <[u8; 8]>::try_from(o).ok()).map(u64::from_le_bytes).unwrap_or(0);
-                Some((v + n).to_le_bytes().to_vec())
-            })?;
-        }
-        Ok(())
-    }
-
-    /// Counters whose key starts with `prefix`.
-    pub fn counters(&self, prefix: &str) -> sled::Result<Vec<(String, u64)>> {
-        self.counters
-            .scan_prefix(prefix.as_bytes())
-            .map(|kv| {
-                kv.map(|(k, v)| {
-                    let n = <[u8; 8]>::try_from(&*v).map(u64::from_le_bytes).unwrap_or(0);
-                    (String::from_utf8_lossy(&k).into_owned(), n)
-                })
-            })
-            .collect()
-    }
-
-    /// Number and total size of indexed blobs.
-    pub fn blob_totals(&self) -> (u64, u64) {
-        self.blobs
-            .iter()
-            .values()
-            .filter_map(|v| v.ok().and_then(|v| serde_json::from_slice::<BlobMeta>(&v).ok()))
-            .fold((0, 0), |(n, b), m| (n + 1, b + m.size))
-    }
-
-    /// Pull counts recorded in tag histories, by history key.
-    pub fn history_pulls(&self) -> sled::Result<Vec<(sled::IVec, u64)>> {
-        let mut out = Vec::new();
-        for kv in self.history.iter() {
-            let (k, v) = kv?;
-            if let Ok(s) = serde_json::from_slice::<Seen>(&v) {
-                if s.pulls > 0 {
-                    out.push((k, s.pulls));
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Puts pull counts back on the history entries that still exist.
-    pub fn restore_history_pulls(&self, pulls: Vec<(sled::IVec, u64)>) -> sled::Result<()> {
-        for (k, n) in pulls {
-            if let Some(mut s) = self.history.get(&k)?.and_then(|v| serde_json::from_slice::<Seen>(&v).ok()) {
-                s.pulls = n;
-                put(&self.history, &k, &s)?;
-            }
-        }
-        Ok(())
-    }
-
-    pub fn clear(&self) -> sled::Result<()> {
         self.blobs.clear()?;
         self.tags.clear()?;
-        self.history.clear()
+        self.history.clear()?;
+        for chunk in blobs.chunks(10_000) {
+            let mut b = sled::Batch::default();
+            for (d, m) in chunk {
+                b.insert(d.hex().as_bytes(), encode(m));
+            }
+            self.blobs.apply_batch(b)?;
+        }
+        let mut b = sled::Batch::default();
+        for (k, m) in &tags {
+            b.insert(k.as_bytes(), encode(m));
+        }
+        self.tags.apply_batch(b)?;
+        let mut b = sled::Batch::default();
+        for (k, s) in &history {
+            b.insert(k.as_bytes(), encode(s));
+        }
+        self.history.apply_batch(b)
     }
 
     pub fn flush(&self) -> sled::Result<usize> {
@@ -203,8 +252,12 @@ impl Index {
         Ok(self.db.get("built")?.is_some())
     }
 
-    pub fn mark_built(&self) -> sled::Result<()> {
-        self.db.insert("built", &b"1"[..])?;
+    pub fn mark_built(&self, built: bool) -> sled::Result<()> {
+        match built {
+            true => self.db.insert("built", &b"1"[..])?,
+            false => self.db.remove("built")?,
+        };
+        self.db.flush()?;
         Ok(())
     }
 }

@@ -1,24 +1,29 @@
-//! Storage only: the distribution-layout tree (the truth) and the sled index derived from it.
-//! Knows nothing of upstreams or HTTP. All calls block: async callers run writes on the
-//! blocking pool.
+//! Storage only: blob bytes behind one [`BlobBackend`] (the distribution-layout tree is the
+//! first), the repository links beside them, the sled index derived from both, and the
+//! analytics counters that are not derivable. Knows nothing of upstreams or HTTP. All calls
+//! block: async callers run writes on the blocking pool.
 
+mod backend;
+mod counters;
 mod index;
 mod tree;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use index::Index;
+pub use backend::{BlobBackend, BlobRead, Listed, Spool};
+use counters::Counters;
+use index::{history_key, Index};
 pub use index::{BlobMeta, Seen, TagMeta};
-use tree::{read_link, Tree};
+use tree::Tree;
 
 use crate::oci::{manifest_media_type, Digest, RepoName, Tag};
 
@@ -53,45 +58,6 @@ pub enum StoreError {
     Index(#[from] sled::Error),
     #[error("data dir {0} is in use by another wharf process")]
     Locked(PathBuf),
-}
-
-/// Where verified blob bytes live. The storage tree implements it; a shared object-store
-/// backend would implement the same and leave the rest of the store unchanged.
-pub trait BlobStore: Send + Sync {
-    /// Size of a stored blob; `None` when absent.
-    fn stat(&self, d: &Digest) -> io::Result<Option<u64>>;
-    /// Opens a stored blob for reading.
-    fn open(&self, d: &Digest) -> io::Result<Option<File>>;
-    /// Moves a verified spool file into the store.
-    fn persist(&self, spool: &Path, d: &Digest) -> io::Result<()>;
-    /// Stores small verified bytes (a manifest).
-    fn write(&self, d: &Digest, bytes: &[u8]) -> io::Result<()>;
-}
-
-impl BlobStore for Tree {
-    fn stat(&self, d: &Digest) -> io::Result<Option<u64>> {
-        match fs::metadata(self.blob_path(d)) {
-            Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn open(&self, d: &Digest) -> io::Result<Option<File>> {
-        match File::open(self.blob_path(d)) {
-            Ok(f) => Ok(Some(f)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn persist(&self, spool: &Path, d: &Digest) -> io::Result<()> {
-        Tree::persist(self, spool, d)
-    }
-
-    fn write(&self, d: &Digest, bytes: &[u8]) -> io::Result<()> {
-        self.write_blob(d, bytes)
-    }
 }
 
 /// A manifest as stored: the exact bytes and the media type to serve them with.
@@ -158,9 +124,33 @@ pub struct ReindexStats {
     pub history_entries: u64,
 }
 
+/// Totals a cleanly closed store leaves for the next open, so start-up needs no scan.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CleanClose {
+    blobs: u64,
+    bytes: u64,
+}
+
+/// What the index holds, without times: `reindex` on a copy of the data dir must give the
+/// same as the live index.
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct IndexDump {
+    /// digest → (size, media type of a manifest).
+    pub blobs: std::collections::BTreeMap<String, (u64, Option<String>)>,
+    /// `<repo>:<tag>` → current digest.
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// `<repo>:<tag>` → every digest it pointed at, sorted.
+    pub history: std::collections::BTreeMap<String, Vec<String>>,
+}
+
 pub struct Store {
-    tree: Tree,
+    /// Repository links (and, as the filesystem backend, blob bytes): only it builds paths.
+    tree: Arc<Tree>,
+    /// The one way to blob bytes.
+    blobs: Arc<dyn BlobBackend>,
     index: Index,
+    /// Analytics that outlive restarts and reindexing.
+    counters: Counters,
     /// Last-access times not yet written to the index: reads stay free of index writes,
     /// and `flush_access` writes them in one batch.
     accessed: Mutex<HashMap<Digest, u64>>,
@@ -170,10 +160,12 @@ pub struct Store {
     /// Small blobs (configs, small layers) served recently, verified bytes. Bounded.
     small_blobs: Mutex<(HashMap<Digest, Bytes>, usize)>,
     /// (repository, blob) links known to exist, so hits skip a stat. Bounded.
-    links: Mutex<std::collections::HashSet<(RepoKey, Digest)>>,
-    /// Number and bytes of stored blobs, kept up to date as blobs are added.
+    links: Mutex<HashSet<(RepoKey, Digest)>>,
+    /// Number and bytes of indexed blobs (manifests included), kept as they change.
     blob_count: AtomicU64,
     blob_bytes: AtomicU64,
+    /// `wharf/clean`: present only between a clean close and the next open.
+    clean_path: PathBuf,
     /// Held for the store's lifetime: one process per data dir.
     _lock: File,
 }
@@ -185,15 +177,6 @@ pub fn now_ms() -> u64 {
 
 fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
-}
-
-fn mtime_ms(path: &Path) -> u64 {
-    fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Whether a process holds the data dir (a running server), without taking it.
@@ -208,9 +191,15 @@ pub fn is_locked(data_dir: &Path) -> bool {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Store {
-    /// Opens the data dir: takes its lock, cleans temp files, opens the index, and rebuilds
-    /// the index from the tree when it is new or cannot be opened (moving a broken one aside).
+    /// Opens the data dir: takes its lock, cleans temp files, opens the index and the
+    /// analytics. The index is rebuilt from the tree when it is new, cannot be opened (a
+    /// broken one is moved aside), or the last process did not close cleanly (a crash can
+    /// leave the tree and the index one step apart). A clean open reads no entry.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         let wharf_dir = data_dir.join("wharf");
         fs::create_dir_all(&wharf_dir)?;
@@ -220,7 +209,7 @@ impl Store {
             Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Locked(data_dir.to_path_buf())),
             Err(fs::TryLockError::Error(e)) => return Err(e.into()),
         }
-        let tree = Tree::open(data_dir)?;
+        let tree = Arc::new(Tree::open(data_dir)?);
         let index_path = wharf_dir.join("index");
         let index = match Index::open(&index_path) {
             Ok(i) => i,
@@ -231,46 +220,97 @@ impl Store {
                 Index::open(&index_path)?
             }
         };
+        let counters = Counters::open(&wharf_dir.join("analytics"))?;
+        if let Some((old_counters, old_history)) = index.legacy_analytics()? {
+            let moved = counters.migrate_from(&old_counters, &old_history)?;
+            index.drop_legacy_analytics()?;
+            tracing::info!(entries = moved, "moved analytics out of the index into wharf/analytics");
+        }
+        let clean_path = wharf_dir.join("clean");
+        let clean: Option<CleanClose> =
+            fs::read(&clean_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        if clean_path.exists() {
+            // Gone until the next clean close, so a crash from here on is noticed.
+            fs::remove_file(&clean_path)?;
+            File::open(&wharf_dir)?.sync_all()?;
+        }
         let store = Store {
+            blobs: tree.clone(),
             tree,
             index,
+            counters,
             accessed: Mutex::new(HashMap::new()),
             manifests: Mutex::new(ManifestCache::default()),
             small_blobs: Mutex::new((HashMap::new(), 0)),
-            links: Mutex::new(std::collections::HashSet::new()),
+            links: Mutex::new(HashSet::new()),
             blob_count: AtomicU64::new(0),
             blob_bytes: AtomicU64::new(0),
+            clean_path,
             _lock: lock,
         };
-        if !store.index.is_built()? {
-            let stats = store.reindex()?;
-            tracing::info!(?stats, "index built from the storage tree");
+        match (store.index.is_built()?, clean) {
+            (true, Some(c)) => {
+                store.blob_count.store(c.blobs, Ordering::Relaxed);
+                store.blob_bytes.store(c.bytes, Ordering::Relaxed);
+            }
+            (built, _) => {
+                if built {
+                    tracing::warn!(
+                        "the last run did not close cleanly; checking the index against the storage tree"
+                    );
+                }
+                let stats = store.reindex()?;
+                tracing::info!(?stats, "index built from the storage tree");
+            }
         }
-        let (n, bytes) = store.index.blob_totals();
-        store.blob_count.store(n, Ordering::Relaxed);
-        store.blob_bytes.store(bytes, Ordering::Relaxed);
         Ok(store)
     }
 
-    pub fn blobs(&self) -> &dyn BlobStore {
-        &self.tree
+    /// Flushes everything and leaves the totals for the next open. Call once, last.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.flush()?;
+        let (blobs, bytes) = self.totals();
+        let body = serde_json::to_vec(&CleanClose { blobs, bytes }).expect("totals serialize");
+        let tmp = self.clean_path.with_extension("tmp");
+        fs::write(&tmp, body)?;
+        File::open(&tmp)?.sync_all()?;
+        fs::rename(&tmp, &self.clean_path)?;
+        Ok(())
     }
 
-    /// Size of a stored blob, from the index when it knows, else from the tree.
+    /// Size of a stored blob.
     pub fn blob_size(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
-        Ok(self.tree.stat(d)?)
+        Ok(self.blobs.stat(d)?)
+    }
+
+    /// Opens a stored blob (see [`BlobBackend::open`]).
+    pub fn open_blob(&self, d: &Digest, range: Option<(u64, u64)>) -> Result<Option<BlobRead>, StoreError> {
+        Ok(self.blobs.open(d, range)?)
+    }
+
+    /// Reads a small stored blob (a config) whole.
+    pub fn read_blob(&self, d: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.blobs.read(d)?)
     }
 
     /// A new spool file for a download.
-    pub fn spool(&self) -> io::Result<(File, PathBuf)> {
-        self.tree.spool()
+    pub fn spool(&self) -> io::Result<Spool> {
+        self.blobs.spool()
     }
 
-    /// Moves a verified spool file into place and indexes it.
+    /// Free space for blobs, when the backend is bounded.
+    pub fn free_space(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.blobs.free_space()?)
+    }
+
+    /// Stores a verified, fsynced spool file and indexes it.
     pub fn commit_blob(&self, spool: &Path, d: &Digest, size: u64) -> Result<(), StoreError> {
-        self.tree.persist(spool, d)?;
-        self.count_blob(size);
+        self.blobs.put_spool(spool, d)?;
+        let old = self.index.blob(d)?;
         self.index.put_blob(d, &BlobMeta { size, media_type: None, accessed_ms: now_ms() })?;
+        if old.is_none() {
+            self.count_blob(size);
+        }
         Ok(())
     }
 
@@ -286,31 +326,32 @@ impl Store {
 
     /// Adds to analytics counters (kept across restarts and reindexing).
     pub fn add_counters(&self, adds: &HashMap<String, u64>) -> Result<(), StoreError> {
-        Ok(self.index.add_counters(adds)?)
+        Ok(self.counters.add(adds)?)
     }
 
     /// Analytics counters whose key starts with `prefix`.
     pub fn counters(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
-        Ok(self.index.counters(prefix)?)
+        Ok(self.counters.get(prefix)?)
+    }
+
+    /// Drops per-day analytics of days before `first_kept` (`YYYY-MM-DD`).
+    pub fn drop_counts_before(&self, first_kept: &str) -> Result<usize, StoreError> {
+        Ok(self.counters.drop_days_before(first_kept)?)
     }
 
     /// Adds `n` pulls of tag `t` while it pointed at `d` to its history.
     pub fn add_tag_pulls(&self, r: &RepoKey, t: &Tag, d: &Digest, n: u64) -> Result<(), StoreError> {
-        if let Some(mut s) = self.index.seen(r, t, d)? {
-            s.pulls += n;
-            self.index.put_seen(r, t, d, &s)?;
-        }
-        Ok(())
+        Ok(self.counters.add_tag_pulls(&history_key(r, t, d), n)?)
     }
 
     /// A small blob held in memory (read from the store, so verified).
     pub fn small_blob(&self, d: &Digest) -> Option<Bytes> {
-        self.small_blobs.lock().unwrap_or_else(|p| p.into_inner()).0.get(d).cloned()
+        lock(&self.small_blobs).0.get(d).cloned()
     }
 
     /// Keeps a small blob's bytes, read from the store, in memory.
     pub fn remember_small_blob(&self, d: &Digest, bytes: Bytes) {
-        let mut guard = self.small_blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = lock(&self.small_blobs);
         let (map, total) = &mut *guard;
         while *total + bytes.len() > SMALL_BLOBS_BYTES {
             let Some(k) = map.keys().next().cloned() else { break };
@@ -324,14 +365,14 @@ impl Store {
         }
     }
 
-    /// Notes that blob `d` was served (written to the index by `flush_access`).
+    /// Notes that blob `d` was used (written to the index by `flush_access`).
     pub fn touch(&self, d: &Digest) {
-        self.accessed.lock().unwrap_or_else(|p| p.into_inner()).insert(d.clone(), now_ms());
+        lock(&self.accessed).insert(d.clone(), now_ms());
     }
 
     /// Writes the pending last-access times to the index; returns how many.
     pub fn flush_access(&self) -> Result<usize, StoreError> {
-        let pending = std::mem::take(&mut *self.accessed.lock().unwrap_or_else(|p| p.into_inner()));
+        let pending = std::mem::take(&mut *lock(&self.accessed));
         for (d, t) in &pending {
             if let Some(mut m) = self.index.blob(d)? {
                 m.accessed_ms = m.accessed_ms.max(*t);
@@ -346,17 +387,96 @@ impl Store {
         Ok(self.index.blob(d)?)
     }
 
+    /// Every indexed blob, with last-access times not yet flushed taken into account.
+    pub fn blob_entries(&self) -> Result<Vec<(Digest, BlobMeta)>, StoreError> {
+        let pending = lock(&self.accessed).clone();
+        let mut out = Vec::new();
+        for e in self.index.blobs() {
+            let (d, mut m) = e?;
+            if let Some(t) = pending.get(&d) {
+                m.accessed_ms = m.accessed_ms.max(*t);
+            }
+            out.push((d, m));
+        }
+        Ok(out)
+    }
+
+    /// Every tag and its current digest.
+    pub fn tag_entries(&self) -> Result<Vec<(RepoKey, Tag, Digest)>, StoreError> {
+        let mut out = Vec::new();
+        for e in self.index.tags() {
+            let (k, m) = e?;
+            let Some((r, t)) = k.split_once('\t') else { continue };
+            if let (Some(r), Some(t), Some(d)) = (RepoKey::parse(r), Tag::parse(t), Digest::parse(&m.digest))
+            {
+                out.push((r, t, d));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stored blobs the index does not know (a crash between storing and indexing, or
+    /// files put there by hand), stored before `before_ms`.
+    pub fn unindexed_blobs(&self, before_ms: u64) -> Result<Vec<Listed>, StoreError> {
+        let mut listed = Vec::new();
+        self.blobs.list(&mut |l| {
+            if l.stored_ms < before_ms {
+                listed.push(l)
+            }
+        })?;
+        let mut out = Vec::new();
+        for l in listed {
+            if self.index.blob(&l.digest)?.is_none() {
+                out.push(l);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes temp files older than `before_ms` (unless `dry_run`): (bytes, files).
+    pub fn sweep_spools(&self, before_ms: u64, dry_run: bool) -> Result<(u64, u64), StoreError> {
+        Ok(self.blobs.sweep_spools(before_ms, dry_run)?)
+    }
+
+    /// Deletes blobs and everything that points at them: the index entry, the in-memory
+    /// copies and every repository's `_layers` link. Returns what was deleted, with sizes.
+    pub fn delete_blobs(&self, digests: &[Digest]) -> Result<Vec<(Digest, u64)>, StoreError> {
+        let mut gone = Vec::new();
+        for d in digests {
+            let deleted = self.blobs.delete(d)?;
+            let meta = self.index.remove_blob(d)?;
+            if let Some(m) = &meta {
+                self.blob_count.fetch_sub(1, Ordering::Relaxed);
+                self.blob_bytes
+                    .fetch_sub(m.size.min(self.blob_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+            }
+            if let Some(size) = deleted.or(meta.map(|m| m.size)) {
+                gone.push((d.clone(), size));
+            }
+            {
+                let mut small = lock(&self.small_blobs);
+                if let Some(b) = small.0.remove(d) {
+                    small.1 -= b.len();
+                }
+            }
+            lock(&self.accessed).remove(d);
+        }
+        let hexes: HashSet<&str> = gone.iter().map(|(d, _)| d.hex()).collect();
+        if !hexes.is_empty() {
+            lock(&self.links).retain(|(_, d)| !hexes.contains(d.hex()));
+            self.tree.remove_layer_links(&hexes)?;
+        }
+        Ok(gone)
+    }
+
     /// Records that `repo` holds blob `d` (distribution needs the link to serve it).
     pub fn link_layer(&self, r: &RepoKey, d: &Digest) -> Result<(), StoreError> {
         let key = (r.clone(), d.clone());
-        if self.links.lock().unwrap_or_else(|p| p.into_inner()).contains(&key) {
+        if lock(&self.links).contains(&key) {
             return Ok(());
         }
-        let link = self.tree.layer_link(r, d);
-        if !link.exists() {
-            self.tree.write_link(&link, d)?;
-        }
-        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        self.tree.link_layer(r, d)?;
+        let mut links = lock(&self.links);
         if links.len() >= MAX_KNOWN_LINKS {
             links.clear();
         }
@@ -367,26 +487,24 @@ impl Store {
     /// A manifest of `repo`, when cached.
     pub fn manifest(&self, r: &RepoKey, d: &Digest) -> Result<Option<StoredManifest>, StoreError> {
         let key = (r.clone(), d.clone());
-        if let Some(m) = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).map.get(&key) {
+        if let Some(m) = lock(&self.manifests).map.get(&key) {
             return Ok(Some(m.clone()));
         }
-        let m = self.manifest_from_disk(r, d)?;
+        if !self.tree.has_revision(r, d) {
+            return Ok(None);
+        }
+        let m = self.manifest_bytes(d)?;
         if let Some(m) = &m {
-            self.manifests.lock().unwrap_or_else(|p| p.into_inner()).insert(key, m.clone());
+            lock(&self.manifests).insert(key, m.clone());
         }
         Ok(m)
     }
 
-    fn manifest_from_disk(&self, r: &RepoKey, d: &Digest) -> Result<Option<StoredManifest>, StoreError> {
-        if !self.tree.revision_link(r, d).exists() {
-            return Ok(None);
-        }
-        let bytes = match fs::read(self.tree.blob_path(d)) {
-            Ok(b) => Bytes::from(b),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        // Cheap at manifest sizes, and no damaged file is ever served as this digest.
+    /// A stored manifest by digest, whichever repository holds it; checked against its
+    /// digest (cheap at manifest sizes, and no damaged file is ever served as this digest).
+    pub fn manifest_bytes(&self, d: &Digest) -> Result<Option<StoredManifest>, StoreError> {
+        let Some(bytes) = self.blobs.read(d)? else { return Ok(None) };
+        let bytes = Bytes::from(bytes);
         if Digest::of(&bytes) != *d {
             tracing::warn!(digest = %d, "stored manifest does not match its digest; fetching it again");
             return Ok(None);
@@ -409,15 +527,12 @@ impl Store {
         bytes: &[u8],
         media_type: &str,
     ) -> Result<(), StoreError> {
-        match self.tree.stat(d)? {
+        match self.blobs.stat(d)? {
             Some(n) if n == bytes.len() as u64 => {}
             // A file a crash left short: replace it.
-            Some(_) => self.tree.write_blob(d, bytes)?,
-            None => {
-                self.tree.write_blob(d, bytes)?;
-                self.count_blob(bytes.len() as u64);
-            }
+            _ => self.blobs.put_bytes(d, bytes)?,
         }
+        let old = self.index.blob(d)?;
         self.index.put_blob(
             d,
             &BlobMeta {
@@ -426,10 +541,10 @@ impl Store {
                 accessed_ms: now_ms(),
             },
         )?;
-        let link = self.tree.revision_link(r, d);
-        if !link.exists() {
-            self.tree.write_link(&link, d)?;
+        if old.is_none() {
+            self.count_blob(bytes.len() as u64);
         }
+        self.tree.link_revision(r, d)?;
         Ok(())
     }
 
@@ -437,30 +552,16 @@ impl Store {
         Ok(self.index.tag(r, t)?)
     }
 
-    /// Records that the upstream says `t` points at `d` now. Moves the tag (current link and
-    /// history) when it pointed elsewhere; returns whether it moved.
+    /// Records that the upstream says `t` points at `d` now: the tree's links first (the
+    /// truth), then the index's tag state and history in one transaction. Returns whether
+    /// the tag moved.
     pub fn record_tag(&self, r: &RepoKey, t: &Tag, d: &Digest, now: u64) -> Result<bool, StoreError> {
         let prev = self.index.tag(r, t)?;
         let moved = prev.as_ref().map(|p| p.digest != d.to_string()).unwrap_or(true);
         if moved {
-            let idx = self.tree.tag_index_link(r, t, d);
-            if !idx.exists() {
-                self.tree.write_link(&idx, d)?;
-            }
-            self.tree.write_link(&self.tree.tag_current(r, t), d)?;
-            if let Some(p) = prev.as_ref().and_then(|p| Digest::parse(&p.digest)) {
-                if let Some(mut s) = self.index.seen(r, t, &p)? {
-                    s.last_seen_ms = now;
-                    self.index.put_seen(r, t, &p, &s)?;
-                }
-            }
+            self.tree.link_tag(r, t, d)?;
         }
-        let seen = match self.index.seen(r, t, d)? {
-            Some(s) => Seen { last_seen_ms: now, ..s },
-            None => Seen { first_seen_ms: now, last_seen_ms: now, pulls: 0 },
-        };
-        self.index.put_seen(r, t, d, &seen)?;
-        self.index.put_tag(r, t, &TagMeta { digest: d.to_string(), checked_ms: now })?;
+        self.index.record_tag(r, t, d, now)?;
         Ok(moved)
     }
 
@@ -490,159 +591,108 @@ impl Store {
     /// Every digest `t` pointed at, newest first.
     pub fn history(&self, r: &RepoKey, t: &Tag) -> Result<Vec<HistoryEntry>, StoreError> {
         let current = self.index.tag(r, t)?.map(|m| m.digest);
-        let mut out: Vec<HistoryEntry> = self
-            .index
-            .history(r, t)?
-            .into_iter()
-            .map(|(d, s)| HistoryEntry {
+        let mut out = Vec::new();
+        for (d, s) in self.index.history(r, t)? {
+            out.push(HistoryEntry {
                 current: current.as_deref() == Some(&d.to_string()),
-                pulls: s.pulls,
+                pulls: self.counters.tag_pulls(&history_key(r, t, &d))?,
                 digest: d.to_string(),
                 first_seen: rfc3339(s.first_seen_ms),
                 last_seen: rfc3339(s.last_seen_ms),
                 first_seen_ms: s.first_seen_ms,
-            })
-            .collect();
+            });
+        }
         out.sort_by(|a, b| b.current.cmp(&a.current).then(b.first_seen_ms.cmp(&a.first_seen_ms)));
         Ok(out)
     }
 
-    /// Rebuilds the index from the tree. History times come from the link files' mtimes:
-    /// first seen is when the tag's index link was written, last seen is when the next
-    /// digest took over (approximate: the exact times lived only in the old index).
+    /// Rebuilds the index from the tree. Times the old index knew are kept for entries that
+    /// are still there (last access, history first/last seen); others come from the files'
+    /// mtimes (a tag's index link is written when the tag first points at a digest, and the
+    /// next digest's link when it moves on). Analytics are not touched.
     pub fn reindex(&self) -> Result<ReindexStats, StoreError> {
-        // Pull counts are analytics, not derivable from the tree: carried over.
-        let pulls = self.index.history_pulls()?;
-        self.index.clear()?;
+        self.index.mark_built(false)?;
         let mut stats = ReindexStats::default();
-        for e in walk_files(&self.tree.blobs_root())? {
-            if e.file_name().and_then(|n| n.to_str()) != Some("data") {
+        let mut blobs: HashMap<Digest, BlobMeta> = HashMap::new();
+        let mut listed = Vec::new();
+        self.blobs.list(&mut |l| listed.push(l))?;
+        for l in listed {
+            let old = self.index.blob(&l.digest)?.map(|m| m.accessed_ms).filter(|t| *t > 0);
+            let meta = BlobMeta { size: l.size, media_type: None, accessed_ms: old.unwrap_or(l.stored_ms) };
+            blobs.insert(l.digest, meta);
+            stats.blobs += 1;
+        }
+        let (revisions, tag_links) = self.tree.manifest_links()?;
+        let mut manifests = HashSet::new();
+        for (_, d) in revisions {
+            let Some(meta) = blobs.get_mut(&d) else { continue };
+            if meta.media_type.is_some() {
                 continue;
             }
-            let hex = e.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()).unwrap_or_default();
-            if let Some(d) = Digest::parse(&format!("sha256:{hex}")) {
-                let size = fs::metadata(&e)?.len();
-                self.index.put_blob(&d, &BlobMeta { size, media_type: None, accessed_ms: 0 })?;
-                stats.blobs += 1;
+            if let Some(m) = self.manifest_bytes(&d)? {
+                meta.media_type = Some(m.media_type);
+                manifests.insert(d);
             }
         }
-        let repos_root = self.tree.repositories();
-        for manifests_dir in find_dirs_named(&repos_root, "_manifests")? {
-            let Some(repo) = manifests_dir
-                .parent()
-                .and_then(|p| p.strip_prefix(&repos_root).ok())
-                .and_then(|p| p.to_str())
-                .and_then(RepoKey::parse)
-            else {
-                continue;
-            };
-            for link in walk_files(&manifests_dir.join("revisions/sha256"))? {
-                let Some(d) = read_link(&link)? else { continue };
-                if let Ok(bytes) = fs::read(self.tree.blob_path(&d)) {
-                    if let Some(mt) = manifest_media_type(&bytes) {
-                        self.index.put_blob(
-                            &d,
-                            &BlobMeta { size: bytes.len() as u64, media_type: Some(mt), accessed_ms: 0 },
-                        )?;
-                        stats.manifests += 1;
-                    }
-                }
-            }
-            let tags_dir = manifests_dir.join("tags");
-            let Ok(tags) = fs::read_dir(&tags_dir) else {
-                continue;
-            };
-            for tag_dir in tags {
-                let tag_dir = tag_dir?.path();
-                let Some(tag) = tag_dir.file_name().and_then(|n| n.to_str()).and_then(Tag::parse) else {
-                    continue;
+        stats.manifests = manifests.len() as u64;
+        let (mut tags, mut history) = (Vec::new(), Vec::new());
+        for mut tl in tag_links {
+            tl.seen.sort_by_key(|(_, t)| *t);
+            for (i, (d, first)) in tl.seen.iter().enumerate() {
+                let last = if *d == tl.current {
+                    tl.current_ms.max(*first)
+                } else {
+                    tl.seen.get(i + 1).map(|(_, t)| *t).unwrap_or(*first)
                 };
-                let current_link = tag_dir.join("current/link");
-                let Some(current) = read_link(&current_link)? else {
-                    continue;
+                let seen = match self.index.seen(&tl.repo, &tl.tag, d)? {
+                    Some(old) => old,
+                    None => Seen { first_seen_ms: *first, last_seen_ms: last },
                 };
-                let mut seen: Vec<(Digest, u64)> = Vec::new();
-                for link in walk_files(&tag_dir.join("index/sha256"))? {
-                    if let Some(d) = read_link(&link)? {
-                        seen.push((d, mtime_ms(&link)));
-                    }
-                }
-                seen.sort_by_key(|(_, t)| *t);
-                for (i, (d, first)) in seen.iter().enumerate() {
-                    let last = if *d == current {
-                        mtime_ms(&current_link).max(*first)
-                    } else {
-                        seen.get(i + 1).map(|(_, t)| *t).unwrap_or(*first)
-                    };
-                    self.index.put_seen(
-                        &repo,
-                        &tag,
-                        d,
-                        &Seen { first_seen_ms: *first, last_seen_ms: last, pulls: 0 },
-                    )?;
-                    stats.history_entries += 1;
-                }
-                // checked_ms 0: the next request revalidates it.
-                self.index.put_tag(&repo, &tag, &TagMeta { digest: current.to_string(), checked_ms: 0 })?;
-                stats.tags += 1;
+                history.push((history_key(&tl.repo, &tl.tag, d), seen));
+                stats.history_entries += 1;
             }
+            // checked_ms 0: the next request revalidates it.
+            let key = format!("{}\t{}", tl.repo.as_str(), tl.tag.as_str());
+            tags.push((key, TagMeta { digest: tl.current.to_string(), checked_ms: 0 }));
+            stats.tags += 1;
         }
-        self.index.restore_history_pulls(pulls)?;
-        self.index.mark_built()?;
-        self.index.flush()?;
+        let (n, bytes) = blobs.values().fold((0, 0), |(n, b), m| (n + 1, b + m.size));
+        self.index.replace_all(blobs.into_iter().collect(), tags, history)?;
+        self.blob_count.store(n, Ordering::Relaxed);
+        self.blob_bytes.store(bytes, Ordering::Relaxed);
+        lock(&self.manifests).map.clear();
+        lock(&self.links).clear();
+        self.index.mark_built(true)?;
         Ok(stats)
+    }
+
+    /// What the index holds, without times (for comparing an index with a rebuilt one).
+    pub fn dump(&self) -> Result<IndexDump, StoreError> {
+        let mut out = IndexDump::default();
+        for e in self.index.blobs() {
+            let (d, m) = e?;
+            out.blobs.insert(d.to_string(), (m.size, m.media_type));
+        }
+        for e in self.index.tags() {
+            let (k, m) = e?;
+            out.tags.insert(k.replacen('\t', ":", 1), m.digest);
+        }
+        for e in self.index.all_history() {
+            let (k, _) = e?;
+            if let Some((tag, hex)) = k.rsplit_once('\t') {
+                out.history.entry(tag.replacen('\t', ":", 1)).or_default().push(format!("sha256:{hex}"));
+            }
+        }
+        out.history.values_mut().for_each(|v| v.sort());
+        Ok(out)
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
         self.flush_access()?;
         self.index.flush()?;
+        self.counters.flush()?;
         Ok(())
     }
-}
-
-/// Every file below `root` (none when it does not exist).
-fn walk_files(root: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for e in entries {
-            let e = e?;
-            if e.file_type()?.is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Directories named `name` below `root`, not descending into them.
-fn find_dirs_named(root: &Path, name: &str) -> io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries {
-            let e = e?;
-            if !e.file_type()?.is_dir() {
-                continue;
-            }
-            if e.file_name() == name {
-                out.push(e.path());
-            } else if !e.file_name().to_string_lossy().starts_with('_') {
-                stack.push(e.path());
-            }
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

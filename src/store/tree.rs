@@ -16,13 +16,16 @@
 //! have their bytes; a lost manifest or link name is a cache miss, so cold tags and
 //! manifests wait for one disk flush instead of eight.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::UNIX_EPOCH;
 
 use crate::oci::{Digest, Tag};
 
+use super::backend::{BlobBackend, BlobRead, Listed, Spool};
 use super::RepoKey;
 
 const V2: &str = "docker/registry/v2";
@@ -58,15 +61,15 @@ impl Tree {
         Ok(Tree { v2, tmp, seq: AtomicU64::new(0) })
     }
 
-    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+    fn blob_path(&self, d: &Digest) -> PathBuf {
         self.v2.join("blobs/sha256").join(&d.hex()[..2]).join(d.hex()).join("data")
     }
 
-    pub fn repositories(&self) -> PathBuf {
+    fn repositories(&self) -> PathBuf {
         self.v2.join("repositories")
     }
 
-    pub fn blobs_root(&self) -> PathBuf {
+    fn blobs_root(&self) -> PathBuf {
         self.v2.join("blobs/sha256")
     }
 
@@ -74,48 +77,55 @@ impl Tree {
         self.repositories().join(r.as_str())
     }
 
-    pub fn layer_link(&self, r: &RepoKey, d: &Digest) -> PathBuf {
+    fn layer_link(&self, r: &RepoKey, d: &Digest) -> PathBuf {
         self.repo(r).join("_layers/sha256").join(d.hex()).join("link")
     }
 
-    pub fn revision_link(&self, r: &RepoKey, d: &Digest) -> PathBuf {
+    fn revision_link(&self, r: &RepoKey, d: &Digest) -> PathBuf {
         self.repo(r).join("_manifests/revisions/sha256").join(d.hex()).join("link")
     }
 
-    pub fn tag_current(&self, r: &RepoKey, t: &Tag) -> PathBuf {
+    fn tag_current(&self, r: &RepoKey, t: &Tag) -> PathBuf {
         self.repo(r).join("_manifests/tags").join(t.as_str()).join("current/link")
     }
 
-    pub fn tag_index_link(&self, r: &RepoKey, t: &Tag, d: &Digest) -> PathBuf {
+    fn tag_index_link(&self, r: &RepoKey, t: &Tag, d: &Digest) -> PathBuf {
         self.repo(r).join("_manifests/tags").join(t.as_str()).join("index/sha256").join(d.hex()).join("link")
     }
 
-    /// A new temp file for a download in progress.
-    pub fn spool(&self) -> io::Result<(File, PathBuf)> {
+    fn new_spool(&self) -> io::Result<(File, PathBuf)> {
         let path =
             self.tmp.join(format!("{}-{}", std::process::id(), self.seq.fetch_add(1, Ordering::Relaxed)));
         let f = File::options().read(true).write(true).create_new(true).open(&path)?;
         Ok((f, path))
     }
 
-    /// Moves a complete, verified, fsynced spool file into place as blob `d`.
-    pub fn persist(&self, spool: &Path, d: &Digest) -> io::Result<()> {
-        let dest = self.blob_path(d);
-        rename_into(spool, &dest)
-    }
-
-    /// Writes a small blob (a manifest) atomically and durably.
-    pub fn write_blob(&self, d: &Digest, bytes: &[u8]) -> io::Result<()> {
-        self.write_atomic(&self.blob_path(d), bytes, true)
+    /// Removes the `_layers` links of `digests` in every repository, so a stock registry
+    /// reading the tree never lists a layer whose data is gone. One walk for the batch.
+    pub fn remove_layer_links(&self, digests: &HashSet<&str>) -> io::Result<u64> {
+        let mut removed = 0;
+        for layers in find_dirs_named(&self.repositories(), "_layers")? {
+            let Ok(entries) = fs::read_dir(layers.join("sha256")) else { continue };
+            for e in entries.flatten() {
+                if digests.contains(e.file_name().to_string_lossy().as_ref()) {
+                    match fs::remove_dir_all(e.path()) {
+                        Ok(()) => removed += 1,
+                        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                        Err(err) => return Err(err),
+                    }
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Writes a link file (`sha256:<hex>`) atomically, without waiting for the disk.
-    pub fn write_link(&self, path: &Path, d: &Digest) -> io::Result<()> {
+    fn write_link(&self, path: &Path, d: &Digest) -> io::Result<()> {
         self.write_atomic(path, d.to_string().as_bytes(), false)
     }
 
     fn write_atomic(&self, dest: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
-        let (mut f, tmp) = self.spool()?;
+        let (mut f, tmp) = self.new_spool()?;
         let res = f.write_all(bytes).and_then(|_| match durable {
             // The data must be on disk before its name is; the name itself may be lost.
             true => f.sync_all().and_then(|_| rename_only(&tmp, dest)),
@@ -126,6 +136,173 @@ impl Tree {
         }
         res
     }
+}
+
+impl BlobBackend for Tree {
+    fn stat(&self, d: &Digest) -> io::Result<Option<u64>> {
+        match fs::metadata(self.blob_path(d)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn open(&self, d: &Digest, _range: Option<(u64, u64)>) -> io::Result<Option<BlobRead>> {
+        match File::open(self.blob_path(d)) {
+            Ok(file) => {
+                let size = file.metadata()?.len();
+                Ok(Some(BlobRead::File { file, size }))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn read(&self, d: &Digest) -> io::Result<Option<Vec<u8>>> {
+        match fs::read(self.blob_path(d)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn spool(&self) -> io::Result<Spool> {
+        let (file, path) = self.new_spool()?;
+        Ok(Spool { file, path })
+    }
+
+    fn put_spool(&self, spool: &Path, d: &Digest) -> io::Result<()> {
+        rename_into(spool, &self.blob_path(d))
+    }
+
+    fn put_bytes(&self, d: &Digest, bytes: &[u8]) -> io::Result<()> {
+        self.write_atomic(&self.blob_path(d), bytes, true)
+    }
+
+    fn delete(&self, d: &Digest) -> io::Result<Option<u64>> {
+        let path = self.blob_path(d);
+        let size = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        // The now empty `<hex>/` directory; its `<2 hex>/` parent stays for the next blob.
+        if let Some(dir) = path.parent() {
+            let _ = fs::remove_dir(dir);
+        }
+        Ok(Some(size))
+    }
+
+    fn list(&self, each: &mut dyn FnMut(Listed)) -> io::Result<()> {
+        let root = self.blobs_root();
+        let Ok(prefixes) = fs::read_dir(&root) else { return Ok(()) };
+        for p in prefixes {
+            let p = p?;
+            let Ok(blobs) = fs::read_dir(p.path()) else { continue };
+            for b in blobs {
+                let b = b?;
+                let name = b.file_name();
+                let Some(d) = name.to_str().and_then(|h| Digest::parse(&format!("sha256:{h}"))) else {
+                    continue;
+                };
+                match fs::metadata(b.path().join("data")) {
+                    Ok(m) => each(Listed { digest: d, size: m.len(), stored_ms: modified_ms(&m) }),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sweep_spools(&self, older_than_ms: u64, dry_run: bool) -> io::Result<(u64, u64)> {
+        let (mut bytes, mut files) = (0, 0);
+        for e in fs::read_dir(&self.tmp)? {
+            let e = e?;
+            let m = e.metadata()?;
+            if !m.is_file() || modified_ms(&m) >= older_than_ms {
+                continue;
+            }
+            if !dry_run {
+                match fs::remove_file(e.path()) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                    Err(err) => return Err(err),
+                }
+            }
+            bytes += m.len();
+            files += 1;
+        }
+        Ok((bytes, files))
+    }
+
+    fn free_space(&self) -> io::Result<Option<u64>> {
+        let st = rustix::fs::statvfs(&self.v2).map_err(io::Error::from)?;
+        Ok(Some(st.f_bavail.saturating_mul(st.f_frsize)))
+    }
+}
+
+fn modified_ms(m: &fs::Metadata) -> u64 {
+    m.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Modification time of `path` in unix milliseconds (0 when it cannot be read).
+pub fn mtime_ms(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| modified_ms(&m)).unwrap_or(0)
+}
+
+/// Every file below `root` (none when it does not exist).
+pub fn walk_files(root: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for e in entries {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Directories named `name` below `root`, not descending into them.
+pub fn find_dirs_named(root: &Path, name: &str) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries {
+            let e = e?;
+            if !e.file_type()?.is_dir() {
+                continue;
+            }
+            if e.file_name() == name {
+                out.push(e.path());
+            } else if !e.file_name().to_string_lossy().starts_with('_') {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Renames `src` to `dest`, creating `dest`'s parents, and fsyncs the directory so the
@@ -143,8 +320,104 @@ fn rename_only(src: &Path, dest: &Path) -> io::Result<()> {
     fs::rename(src, dest)
 }
 
+/// Every (repository, manifest) revision link.
+pub type Revisions = Vec<(RepoKey, Digest)>;
+
+/// What a repository's `_manifests` directory says of one tag.
+pub struct TagLinks {
+    pub repo: RepoKey,
+    pub tag: Tag,
+    pub current: Digest,
+    /// When the current link was last written (unix milliseconds).
+    pub current_ms: u64,
+    /// Every digest in the tag's index, with when its link was written.
+    pub seen: Vec<(Digest, u64)>,
+}
+
+impl Tree {
+    /// Whether `r` has a revision link for manifest `d`.
+    pub fn has_revision(&self, r: &RepoKey, d: &Digest) -> bool {
+        self.revision_link(r, d).exists()
+    }
+
+    /// Every (repository, manifest digest) revision link, and every tag's links.
+    pub fn manifest_links(&self) -> io::Result<(Revisions, Vec<TagLinks>)> {
+        let repos_root = self.repositories();
+        let (mut revisions, mut tags) = (Vec::new(), Vec::new());
+        for manifests_dir in find_dirs_named(&repos_root, "_manifests")? {
+            let Some(repo) = manifests_dir
+                .parent()
+                .and_then(|p| p.strip_prefix(&repos_root).ok())
+                .and_then(|p| p.to_str())
+                .and_then(RepoKey::parse)
+            else {
+                continue;
+            };
+            for link in walk_files(&manifests_dir.join("revisions/sha256"))? {
+                if let Some(d) = read_link(&link)? {
+                    revisions.push((repo.clone(), d));
+                }
+            }
+            let Ok(tag_dirs) = fs::read_dir(manifests_dir.join("tags")) else {
+                continue;
+            };
+            for tag_dir in tag_dirs {
+                let tag_dir = tag_dir?.path();
+                let Some(tag) = tag_dir.file_name().and_then(|n| n.to_str()).and_then(Tag::parse) else {
+                    continue;
+                };
+                let current_link = tag_dir.join("current/link");
+                let Some(current) = read_link(&current_link)? else {
+                    continue;
+                };
+                let mut seen = Vec::new();
+                for link in walk_files(&tag_dir.join("index/sha256"))? {
+                    if let Some(d) = read_link(&link)? {
+                        seen.push((d, mtime_ms(&link)));
+                    }
+                }
+                tags.push(TagLinks {
+                    repo: repo.clone(),
+                    tag,
+                    current,
+                    current_ms: mtime_ms(&current_link),
+                    seen,
+                });
+            }
+        }
+        Ok((revisions, tags))
+    }
+
+    /// Records that `r`'s tag `t` points at `d`: its index link and its current link.
+    pub fn link_tag(&self, r: &RepoKey, t: &Tag, d: &Digest) -> io::Result<()> {
+        let idx = self.tag_index_link(r, t, d);
+        if !idx.exists() {
+            self.write_link(&idx, d)?;
+        }
+        self.write_link(&self.tag_current(r, t), d)
+    }
+
+    /// Records that `r` holds layer `d`.
+    pub fn link_layer(&self, r: &RepoKey, d: &Digest) -> io::Result<()> {
+        let link = self.layer_link(r, d);
+        if !link.exists() {
+            self.write_link(&link, d)?;
+        }
+        Ok(())
+    }
+
+    /// Records that `r` holds manifest `d`.
+    pub fn link_revision(&self, r: &RepoKey, d: &Digest) -> io::Result<()> {
+        let link = self.revision_link(r, d);
+        if !link.exists() {
+            self.write_link(&link, d)?;
+        }
+        Ok(())
+    }
+}
+
 /// Reads a link file; `None` when it does not exist or does not hold a digest.
-pub fn read_link(path: &Path) -> io::Result<Option<Digest>> {
+fn read_link(path: &Path) -> io::Result<Option<Digest>> {
     match fs::read_to_string(path) {
         Ok(s) => Ok(Digest::parse(s.trim())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),

@@ -138,6 +138,15 @@ impl Registry {
         format!("http://{}", self.addr)
     }
 
+    /// How many GETs of blob `digest` the registry's access log shows.
+    pub fn blob_gets(&self, digest: &str) -> usize {
+        let log =
+            self.root.parent().expect("root has a parent").join(format!("registry-{}.log", self.addr.port()));
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let needle = format!("/blobs/{digest} ");
+        text.lines().filter(|l| l.contains("\"GET /v2/") && l.contains(&needle)).count()
+    }
+
     /// Writes a multi-platform image (with attestations) under `work/<seed>` and pushes it
     /// as `reference` (`repo:tag`).
     pub fn seed(&self, work: &Path, seed: &str, reference: &str, sizes: &[usize]) -> image::Layout {
@@ -252,10 +261,15 @@ impl Wharf {
 
     /// Starts wharf with this configuration (listen address and data dir are set here).
     pub fn with_config(toml: &str) -> Wharf {
+        Wharf::with_config_at(toml, None)
+    }
+
+    /// [`Wharf::with_config`], with the data dir at `data` (e.g. a small file system).
+    pub fn with_config_at(toml: &str, data: Option<PathBuf>) -> Wharf {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("wharf.toml");
         std::fs::write(&config, format!("shutdown_grace = \"5s\"\n{toml}")).expect("write config");
-        let data = dir.path().join("data");
+        let data = data.unwrap_or_else(|| dir.path().join("data"));
         let log = dir.path().join("wharf.log");
         let scheme = if toml.contains("[tls]") { "https" } else { "http" };
         let mut w = Wharf {
@@ -322,6 +336,20 @@ impl Wharf {
         let mut c = self.child.take().expect("wharf is running");
         let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
         wait_for(30, "wharf to exit after SIGTERM", || c.try_wait().ok().flatten())
+    }
+
+    /// SIGKILL: no shutdown, no flush, whatever was under way.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts wharf again after [`Wharf::kill9`] or [`Wharf::stop`].
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "wharf is still running");
+        self.launch();
     }
 
     pub fn restart(&mut self) {
@@ -421,6 +449,26 @@ pub fn layout_top_digest(layout: &Path) -> String {
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index.json")).expect("json");
     v["manifests"][0]["digest"].as_str().expect("digest").to_owned()
+}
+
+/// Every blob file in wharf's storage tree whose bytes do not hash to its name.
+pub fn damaged_blobs(data: &Path) -> Vec<String> {
+    let root = data.join("docker/registry/v2/blobs/sha256");
+    let mut bad = Vec::new();
+    for (path, _) in tree_listing(&root) {
+        let Some(hex) = path.strip_suffix("/data").and_then(|p| p.rsplit('/').next()) else { continue };
+        let bytes = std::fs::read(root.join(&path)).expect("read blob");
+        if image::sha256(&bytes) != format!("sha256:{hex}") {
+            bad.push(path);
+        }
+    }
+    bad
+}
+
+/// Whether blob `digest` is in wharf's storage tree.
+pub fn in_tree(data: &Path, digest: &str) -> bool {
+    let hex = digest.trim_start_matches("sha256:");
+    data.join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data").exists()
 }
 
 /// Every file below `dir`, with its size, for before/after comparisons.
