@@ -1,6 +1,6 @@
 //! Pull analytics, and the one place requests are accounted. Decides what counts as a pull
 //! and which tag and platform it was, keeps label cardinality bounded, and batches per-day
-//! counts into the index so they outlive a restart.
+//! counts into the store's analytics db so they outlive a restart.
 //!
 //! A pull is a GET of an image manifest. An index is not pulled by itself: the GET of one of
 //! its children is one pull of the tag the client resolved (remembered per client address

@@ -5,12 +5,14 @@
 //! - [`api`]: parses `/v2/…` paths into typed routes, negotiates, and builds every client
 //!   response (errors become OCI error JSON in one place).
 //! - [`cache`]: read-through decisions: hit or miss, single-flight fetches, streaming
-//!   verification of blobs, tag revalidation with an upstream HEAD, stale-on-error.
-//! - [`store`]: the storage tree in distribution's layout (the truth) and the sled index
-//!   derived from it, with per-tag history.
+//!   verification of blobs, tag revalidation with an upstream HEAD, stale-on-error, and
+//!   the cache's lifecycle (size cap, LRU eviction, pins, garbage collection).
+//! - [`store`]: blob bytes behind one [`store::BlobBackend`] (the storage tree in
+//!   distribution's layout is the first), the sled index derived from the tree with per-tag
+//!   history, and the analytics counters that are not derivable.
 //! - [`upstream`]: one HTTP client per configured registry, with auth and timeouts.
 //! - [`analytics`]: the one place requests are accounted: pulls by tag and platform,
-//!   bounded label cardinality, per-day counts kept in the index.
+//!   bounded label cardinality, per-day counts kept in the store's analytics db.
 //!
 //! Around them: [`config`] (layered configuration), [`server`] (accept loop, TLS with
 //! certificate reload, graceful shutdown), [`metrics`] (every metric, defined once), [`oci`]

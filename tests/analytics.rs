@@ -244,7 +244,15 @@ fn the_dashboard_names_only_metrics_wharf_exports() {
             }
         }
     }
-    for wanted in ["wharf_pulls_total", "wharf_upstream_request_duration_seconds", "wharf_cache_bytes"] {
+    for wanted in [
+        "wharf_pulls_total",
+        "wharf_upstream_request_duration_seconds",
+        "wharf_cache_bytes",
+        "wharf_cache_limit_bytes",
+        "wharf_cache_evicted_bytes_total",
+        "wharf_cache_evictions_total",
+        "wharf_cache_uncached_downloads_total",
+    ] {
         assert!(text.contains(wanted), "the dashboard shows {wanted}");
     }
     assert!(exprs >= 12);
