@@ -749,6 +749,43 @@ mod tests {
     }
 
     #[test]
+    fn a_clean_close_leaves_the_totals_and_an_unclean_one_is_rebuilt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = Digest::of(b"{\"config\":{}}");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.put_manifest(&repo(), &d, b"{\"config\":{}}", crate::oci::OCI_MANIFEST).expect("put");
+            assert_eq!(store.totals(), (1, 13));
+            store.close().expect("close");
+        }
+        assert!(dir.path().join("wharf/clean").exists());
+        {
+            let store = Store::open(dir.path()).expect("reopen");
+            assert!(!dir.path().join("wharf/clean").exists(), "taken at open, so a crash is noticed");
+            assert_eq!(store.totals(), (1, 13), "from the clean close");
+            // A blob stored behind the index's back, then no clean close (a crash).
+            store.blobs.put_bytes(&Digest::of(b"12345"), b"12345").expect("put");
+        }
+        let store = Store::open(dir.path()).expect("reopen after a crash");
+        assert_eq!(store.totals(), (2, 18), "rebuilt from the tree");
+        assert_eq!(store.dump().expect("dump").blobs.len(), 2);
+    }
+
+    #[test]
+    fn a_tag_move_and_its_history_are_one_transaction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let (r, t) = (repo(), Tag::parse("1").expect("tag"));
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        store.index.record_tag(&r, &t, &a, 10).expect("a");
+        let prev = store.index.record_tag(&r, &t, &b, 20).expect("b");
+        assert_eq!(prev.map(|p| p.digest), Some(a.to_string()));
+        assert_eq!(store.index.seen(&r, &t, &a).expect("seen a").map(|s| s.last_seen_ms), Some(20));
+        assert_eq!(store.index.seen(&r, &t, &b).expect("seen b").map(|s| s.first_seen_ms), Some(20));
+        assert_eq!(store.index.tag(&r, &t).expect("tag").map(|m| m.checked_ms), Some(20));
+    }
+
+    #[test]
     fn a_second_process_cannot_open_the_data_dir() {
         let dir = tempfile::tempdir().expect("tempdir");
         let _s = Store::open(dir.path()).expect("open");
@@ -765,12 +802,22 @@ mod tests {
             let store = Store::open(dir.path()).expect("open");
             store.put_manifest(&r, &d, b"{\"manifests\":[]}", crate::oci::OCI_INDEX).expect("put");
             store.record_tag(&r, &t, &d, 5).expect("tag");
+            let counts = HashMap::from([(
+                "pull\t2026-12-01\tdocker.io\tlibrary/alpine\t1.0\tlinux/amd64".to_owned(),
+                7,
+            )]);
+            store.add_counters(&counts).expect("count");
+            store.add_tag_pulls(&r, &t, &d, 3).expect("tag pulls");
+            store.close().expect("close");
         }
         let idx = dir.path().join("wharf/index");
         fs::remove_dir_all(&idx).expect("rm");
         fs::write(&idx, b"not a sled db").expect("garbage");
         let store = Store::open(dir.path()).expect("reopen");
         assert_eq!(store.tag(&r, &t).expect("tag").map(|m| m.digest), Some(d.to_string()));
+        // Analytics are not derivable, and live apart: they survive the index's loss.
+        assert_eq!(store.counters("pull\t").expect("counters").iter().map(|(_, n)| n).sum::<u64>(), 7);
+        assert_eq!(store.history(&r, &t).expect("history")[0].pulls, 3);
         assert!(fs::read_dir(dir.path().join("wharf")).expect("ls").any(|e| e
             .expect("entry")
             .file_name()
