@@ -44,6 +44,8 @@ pub struct Metrics {
     pub coalesced: IntCounter,
     /// Blob downloads from upstreams in progress.
     pub inflight_downloads: IntGauge,
+    /// Manifests served but not yet stored (their writes run off the response path).
+    pub inflight_manifest_writes: IntGauge,
     /// Bytes and number of blobs (manifests included) in the cache, set when scraped.
     pub cache_bytes: IntGauge,
     pub cache_blobs: IntGauge,
@@ -180,6 +182,10 @@ impl Metrics {
             ),
             inflight_downloads: r
                 .gauge("wharf_inflight_downloads", "Blob downloads from upstreams in progress"),
+            inflight_manifest_writes: r.gauge(
+                "wharf_inflight_manifest_writes",
+                "Manifests served to clients and not yet written to the store",
+            ),
             cache_bytes: r.gauge("wharf_cache_bytes", "Bytes of blobs and manifests in the cache"),
             cache_blobs: r.gauge("wharf_cache_blobs", "Blobs and manifests in the cache"),
             cache_limit: r.gauge("wharf_cache_limit_bytes", "The cache's size cap in bytes (0: unbounded)"),

@@ -64,11 +64,8 @@ fn blob_file(w: &Wharf, digest: &str) -> std::path::PathBuf {
 /// Waits until blob `digest` is in the store and its download is over (links written):
 /// clients get a blob's last byte once it is verified, and it is stored after.
 async fn stored(w: &Wharf, digest: &str) {
-    wait_until(10, "the blob stored", || async {
-        let done = blob_file(w, digest).exists() && w.metric("wharf_inflight_downloads", &[]).await == 0.0;
-        done.then_some(())
-    })
-    .await;
+    wait_until(10, "the blob stored", || async { blob_file(w, digest).exists().then_some(()) }).await;
+    w.settled().await;
 }
 
 fn spool_files(w: &Wharf) -> usize {
@@ -533,6 +530,7 @@ async fn a_damaged_stored_manifest_is_fetched_again() {
     let url = w.url(&format!("/v2/app/manifests/{m}"));
     let (status, good) = get_all(&url).await.expect("cold");
     assert_eq!(status, 200);
+    w.settled().await;
     w.stop();
     std::fs::write(blob_file(&w, &m), b"").expect("damage the stored manifest");
     w.restart();
@@ -542,6 +540,7 @@ async fn a_damaged_stored_manifest_is_fetched_again() {
     assert_eq!(body, good);
     assert_eq!(sha256(&body), m);
     assert_eq!(fake.count("GET", &format!("/manifests/{m}")), 2, "fetched again, not served damaged");
+    w.settled().await;
     assert_eq!(std::fs::read(blob_file(&w, &m)).expect("stored again"), good);
 }
 

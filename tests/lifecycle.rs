@@ -45,10 +45,7 @@ fn assert_whole(w: &Wharf, out: &Path, image: &Layout, what: &str) {
 }
 
 async fn downloads_done(w: &Wharf) {
-    common::wait_until(30, "downloads to finish", || async {
-        (w.metric("wharf_inflight_downloads", &[]).await == 0.0).then_some(())
-    })
-    .await;
+    w.settled().await;
 }
 
 /// Samples `wharf_cache_bytes` until stopped; returns the largest value seen. (The pulls

@@ -329,7 +329,7 @@ impl FillJob {
         if let Some(n) = size {
             // Make room before the bytes land, so the spool does not fill the disk. Only
             // advice: whether the blob is stored is decided when it is complete.
-            if let Err(e) = self.cache.make_room(n).await {
+            if let Err(e) = self.cache.make_room(n, true).await {
                 tracing::warn!(error = %e, "eviction before a download failed");
             }
         }
@@ -382,7 +382,7 @@ impl FillJob {
                     // free what the policy allows so the next try fits.
                     self.cache.metrics.uncached_downloads.with_label_values(&["disk_full"]).inc();
                     let cache = self.cache.clone();
-                    tokio::spawn(async move { cache.make_room(n).await });
+                    tokio::spawn(async move { cache.make_room(n, false).await });
                 }
                 return Err(CacheError::from(crate::store::StoreError::from(e)));
             }
@@ -403,7 +403,7 @@ impl FillJob {
         // wait for the clients. Until then, new requests join this fill and read the spool.
         self.tx.send_replace(FillState::Verified { size: written });
         self.clients.gone(COMMIT_WAIT).await;
-        if !self.cache.make_room(written).await? {
+        if !self.cache.make_room(written, false).await? {
             // Served, not stored: everything left is pinned, in use or too young to evict.
             self.cache.metrics.uncached_downloads.with_label_values(&["no_room"]).inc();
             tracing::warn!(upstream = %self.up.name, repository = %self.repo, digest = %self.digest, bytes = written, "no room in the cache; blob served but not stored");

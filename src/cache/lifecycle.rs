@@ -200,15 +200,17 @@ impl Cache {
         self.metrics.evicted_bytes.with_label_values(&[reason.as_str()]).inc_by(bytes);
     }
 
-    /// Whether `incoming` more bytes fit within the cap and the free-space floor now.
-    fn fits(&self, incoming: u64) -> Result<bool, StoreError> {
+    /// Whether `incoming` more bytes fit within the cap and the free-space floor now
+    /// (`on_disk_later`: the bytes still have to be written, so the file system must hold
+    /// them too).
+    fn fits(&self, incoming: u64, on_disk_later: bool) -> Result<bool, StoreError> {
         let p = &self.policy;
         if p.max_size > 0 && self.store.totals().1 + incoming > p.max_size {
             return Ok(false);
         }
         if p.min_free > 0 {
             if let Some(free) = self.store.free_space()? {
-                return Ok(free >= p.min_free);
+                return Ok(free >= p.min_free + if on_disk_later { incoming } else { 0 });
             }
         }
         Ok(true)
@@ -217,11 +219,26 @@ impl Cache {
     /// Evicts least-recently-used blobs until `incoming` more bytes fit with room to spare
     /// (down to the low watermark of the cap, and `min_free` free). Blocking. Returns
     /// whether they fit afterwards.
-    pub fn make_room_blocking(&self, incoming: u64, report: &mut GcReport) -> Result<bool, StoreError> {
-        if !self.policy.bounded() || (!report.dry_run && self.fits(incoming)?) {
+    /// `before_download`: the bytes are not on disk yet, so the file system must hold
+    /// them too, and a pass already running is not waited for (a client waits for its
+    /// first byte): what fits now is the answer.
+    pub fn make_room_blocking(
+        &self,
+        incoming: u64,
+        report: &mut GcReport,
+        before_download: bool,
+    ) -> Result<bool, StoreError> {
+        if !self.policy.bounded() || (!report.dry_run && self.fits(incoming, before_download)?) {
             return Ok(true);
         }
-        let _pass = self.pass.lock().unwrap_or_else(|p| p.into_inner());
+        let _pass = match self.pass.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if before_download => {
+                return self.fits(incoming, before_download)
+            }
+            Err(std::sync::TryLockError::WouldBlock) => self.pass.lock().unwrap_or_else(|p| p.into_inner()),
+        };
         let p = &self.policy;
         let target = match p.max_size {
             0 => u64::MAX,
@@ -250,7 +267,8 @@ impl Cache {
             0 => None,
             _ => self.store.free_space()?.map(|f| f + listed_bytes),
         };
-        let enough = |total: u64, free: Option<u64>| total <= target && free.is_none_or(|f| f >= p.min_free);
+        let floor = p.min_free + if before_download { incoming } else { 0 };
+        let enough = |total: u64, free: Option<u64>| total <= target && free.is_none_or(|f| f >= floor);
         let mut queue = candidates.into_iter();
         while !enough(total, free) {
             let (mut t, mut f) = (total, free);
@@ -290,7 +308,7 @@ impl Cache {
         if report.dry_run {
             return Ok(enough(total, free));
         }
-        let fits = self.fits(incoming)?;
+        let fits = self.fits(incoming, before_download)?;
         if !fits {
             tracing::warn!(
                 incoming,
@@ -354,11 +372,11 @@ impl Cache {
             let freed: u64 = report.removed.iter().map(|r| r.bytes).sum();
             let over = self.policy.max_size > 0
                 && report.cache_bytes_before.saturating_sub(freed) > self.policy.max_size;
-            if over || (self.policy.min_free > 0 && !self.fits(0)?) {
-                self.make_room_blocking(0, &mut report)?;
+            if over || (self.policy.min_free > 0 && !self.fits(0, false)?) {
+                self.make_room_blocking(0, &mut report, false)?;
             }
-        } else if !self.fits(0)? {
-            self.make_room_blocking(0, &mut report)?;
+        } else if !self.fits(0, false)? {
+            self.make_room_blocking(0, &mut report, false)?;
         }
         let freed: u64 = report.removed.iter().map(|r| r.bytes).sum();
         report.cache_bytes_after = match dry_run {
@@ -397,12 +415,17 @@ impl Cache {
         super::blocking(move || cache.collect_blocking(dry_run)).await
     }
 
-    /// Makes room for `incoming` bytes on the blocking pool; whether they fit.
-    pub(super) async fn make_room(self: &Arc<Self>, incoming: u64) -> Result<bool, CacheError> {
+    /// [`Cache::make_room_blocking`] on the blocking pool; whether the bytes fit.
+    pub(super) async fn make_room(
+        self: &Arc<Self>,
+        incoming: u64,
+        before_download: bool,
+    ) -> Result<bool, CacheError> {
         if !self.policy.bounded() {
             return Ok(true);
         }
         let cache = self.clone();
-        super::blocking(move || cache.make_room_blocking(incoming, &mut GcReport::default())).await
+        super::blocking(move || cache.make_room_blocking(incoming, &mut GcReport::default(), before_download))
+            .await
     }
 }

@@ -184,6 +184,24 @@ pub struct Cache {
     leases: Arc<Leases>,
     /// One eviction or collection pass at a time.
     pass: Mutex<()>,
+    /// Manifest writes running off the response path.
+    writes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One write counted in [`Cache::writes_in_flight`] until dropped.
+struct Writing(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Writing {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Writing {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Writing(count.clone())
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// Runs blocking store work off the async workers.
@@ -208,6 +226,7 @@ impl Cache {
             policy: Policy::new(config),
             leases: Arc::default(),
             pass: Mutex::new(()),
+            writes: Arc::default(),
         }
     }
 
@@ -370,8 +389,30 @@ impl Cache {
             Some(ct) if known.contains(&ct.as_str()) || ct.starts_with("application/vnd.") => ct,
             _ => manifest_media_type(&bytes).ok_or(CacheError::UnknownManifestType)?,
         };
-        let (store, key, d) = (self.store.clone(), key.clone(), d.clone());
-        blocking(move || store.put_manifest(&key, &d, &bytes, &media_type)).await
+        // Served from memory at once; stored (fsync, rename, links) off the response path,
+        // so a cold pull waits for no disk flush. A crash before it is stored loses nothing
+        // stored: the next request fetches it again.
+        let m = StoredManifest { bytes: bytes.clone(), media_type: media_type.clone() };
+        self.store.stage_manifest(key, d, m);
+        let writing = Writing::new(&self.writes);
+        self.metrics.inflight_manifest_writes.inc();
+        let (store, key, d, metrics) = (self.store.clone(), key.clone(), d.clone(), self.metrics.clone());
+        tokio::spawn(async move {
+            let _writing = writing;
+            let (s, k, dg) = (store.clone(), key.clone(), d.clone());
+            let res = blocking(move || s.put_manifest(&k, &dg, &bytes, &media_type)).await;
+            metrics.inflight_manifest_writes.dec();
+            if let Err(e) = res {
+                store.unstage_manifest(&key, &d);
+                tracing::warn!(repository = %key.as_str(), digest = %d, error = %e, "storing a manifest failed; it is fetched again when next asked for");
+            }
+        });
+        Ok(())
+    }
+
+    /// Stores in progress: blob downloads and manifest writes (shutdown waits for them).
+    pub fn writes_in_flight(&self) -> usize {
+        self.downloads_in_flight() + self.writes.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A blob to GET: the stored blob, or a download in flight (started if need be). With

@@ -100,8 +100,8 @@ pub async fn serve_with_admin(
         _ = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; dropping the remaining connections"),
     }
     // Clients get a blob's last byte once it is verified, before it is moved into the
-    // store: let downloads finish storing within the same grace.
-    while state.cache.downloads_in_flight() > 0 {
+    // store, and a manifest before it is written: let those finish within the same grace.
+    while state.cache.writes_in_flight() > 0 {
         if tokio::time::Instant::now() >= deadline {
             tracing::warn!("grace period over; abandoning unfinished downloads");
             break;

@@ -107,9 +107,13 @@ impl Index {
         put(&self.blobs, d.hex(), m)
     }
 
-    /// Removes a blob's entry; what it said, when there was one.
-    pub fn remove_blob(&self, d: &Digest) -> sled::Result<Option<BlobMeta>> {
-        Ok(self.blobs.remove(d.hex())?.and_then(|v| serde_json::from_slice(&v).ok()))
+    /// Removes many blobs' entries in one batch.
+    pub fn remove_blobs(&self, digests: &[Digest]) -> sled::Result<()> {
+        let mut b = sled::Batch::default();
+        for d in digests {
+            b.remove(d.hex().as_bytes());
+        }
+        self.blobs.apply_batch(b)
     }
 
     /// Every indexed blob.

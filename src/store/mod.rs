@@ -442,24 +442,32 @@ impl Store {
     /// copies and every repository's `_layers` link. Returns what was deleted, with sizes.
     pub fn delete_blobs(&self, digests: &[Digest]) -> Result<Vec<(Digest, u64)>, StoreError> {
         let mut gone = Vec::new();
+        let mut unindexed = Vec::new();
         for d in digests {
+            let meta = self.index.blob(d)?;
             let deleted = self.blobs.delete(d)?;
-            let meta = self.index.remove_blob(d)?;
             if let Some(m) = &meta {
                 self.blob_count.fetch_sub(1, Ordering::Relaxed);
                 self.blob_bytes
                     .fetch_sub(m.size.min(self.blob_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+                unindexed.push(d.clone());
             }
             if let Some(size) = deleted.or(meta.map(|m| m.size)) {
                 gone.push((d.clone(), size));
             }
-            {
-                let mut small = lock(&self.small_blobs);
+        }
+        // One index batch; a crash before it leaves entries for missing files, which the
+        // unclean start's rebuild drops.
+        self.index.remove_blobs(&unindexed)?;
+        {
+            let mut small = lock(&self.small_blobs);
+            let mut accessed = lock(&self.accessed);
+            for (d, _) in &gone {
                 if let Some(b) = small.0.remove(d) {
                     small.1 -= b.len();
                 }
+                accessed.remove(d);
             }
-            lock(&self.accessed).remove(d);
         }
         let hexes: HashSet<&str> = gone.iter().map(|(d, _)| d.hex()).collect();
         if !hexes.is_empty() {
@@ -498,6 +506,20 @@ impl Store {
             lock(&self.manifests).insert(key, m.clone());
         }
         Ok(m)
+    }
+
+    /// Serves a verified manifest of `repo` from memory until [`Store::put_manifest`] has
+    /// stored it.
+    pub fn stage_manifest(&self, r: &RepoKey, d: &Digest, m: StoredManifest) {
+        lock(&self.manifests).insert((r.clone(), d.clone()), m);
+    }
+
+    /// Forgets a staged manifest whose write failed.
+    pub fn unstage_manifest(&self, r: &RepoKey, d: &Digest) {
+        let mut cache = lock(&self.manifests);
+        if let Some(old) = cache.map.remove(&(r.clone(), d.clone())) {
+            cache.bytes -= old.bytes.len();
+        }
     }
 
     /// A stored manifest by digest, whichever repository holds it; checked against its

@@ -385,6 +385,17 @@ impl Wharf {
         r.json().await.unwrap_or_else(|e| panic!("GET {path}: not JSON: {e}"))
     }
 
+    /// Waits until nothing is being stored: no blob download and no manifest write in
+    /// flight (clients get bytes before they are stored).
+    pub async fn settled(&self) {
+        wait_until(30, "downloads and manifest writes to finish", || async {
+            let busy = self.metric("wharf_inflight_downloads", &[]).await
+                + self.metric("wharf_inflight_manifest_writes", &[]).await;
+            (busy == 0.0).then_some(())
+        })
+        .await;
+    }
+
     /// Sum of every series of `name` whose labels include all of `labels`.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         // Certificates are the TLS tests' business; metrics are read whatever they are.
