@@ -32,19 +32,7 @@ mkdir -p "$RUN"
 }
 
 mkdir -p "$RUN/origin/store"
-cat >"$RUN/origin/config.yml" <<YML
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $RUN/origin/store
-http:
-  addr: 127.0.0.1:$ORIGIN_PORT
-  secret: bench
-YML
+registry_config "$RUN/origin/store" "$ORIGIN_PORT" >"$RUN/origin/config.yml"
 docker-registry serve "$RUN/origin/config.yml" >"$RUN/origin.log" 2>&1 </dev/null &
 ORIGIN_PID=$!
 PIDS=()

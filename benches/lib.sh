@@ -77,3 +77,24 @@ http {
   scgi_temp_path $data/tmp/scgi;
 CONF
 }
+
+# registry_config ROOT PORT [PROXY_URL]: a docker-registry config (filesystem storage under
+# ROOT, access log off, proxy mode when PROXY_URL is given) on stdout.
+registry_config() {
+  cat <<YML
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $1
+  cache:
+    blobdescriptor: inmemory
+http:
+  addr: 127.0.0.1:$2
+  secret: bench
+YML
+  [[ -z ${3:-} ]] || printf 'proxy:\n  remoteurl: %s\n' "$3"
+}

@@ -380,19 +380,7 @@ async fn a_blob_is_stored_once_its_clients_are_done_and_served_meanwhile() {
     let path = format!("/v2/app/blobs/{d}");
 
     // A client that reads the response head, then stops.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
-    let mut slow = socket.connect(w.addr).await.expect("connect");
-    slow.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut head = Vec::new();
-    while !head.windows(4).any(|h| h == b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        slow.read_exact(&mut b).await.expect("response head");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
+    let (mut slow, head) = common::stalled_get(w.addr, &path).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 
     // A range waits for the digest check, not for the slow client.

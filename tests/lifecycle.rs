@@ -15,7 +15,7 @@ use common::image::{sha256, Layout};
 use common::{
     damaged_blobs, in_tree, layout_blobs, layout_top_digest, pull, tree_listing, wait_for, Registry, Wharf,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 const MIB: usize = 1 << 20;
 
@@ -172,21 +172,8 @@ async fn a_blob_being_read_is_not_evicted_and_its_client_gets_every_byte() {
         })
         .expect("a blob")
         .clone();
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
-    let mut slow = socket.connect(w.addr).await.expect("connect");
-    slow.write_all(
-        format!("GET /v2/big/a/blobs/{big} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("write");
-    let mut head = Vec::new();
-    while !head.windows(4).any(|h| h == b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        slow.read_exact(&mut b).await.expect("response head");
-        head.push(b[0]);
-    }
-    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"));
+    let (mut slow, head) = common::stalled_get(w.addr, &format!("/v2/big/a/blobs/{big}")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 
     // Another 48 MiB: over the cap, so eviction runs while the client is mid-transfer.
     pull_ok(&w, work.path(), "big/b:v1", "b");

@@ -5,23 +5,7 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 port=$1 upstream=$2 data=$3
 mkdir -p "$data/store"
-cat >"$data/config.yml" <<YML
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $data/store
-  cache:
-    blobdescriptor: inmemory
-http:
-  addr: 127.0.0.1:$port
-  secret: bench
-proxy:
-  remoteurl: $upstream
-YML
+registry_config "$data/store" "$port" "$upstream" >"$data/config.yml"
 docker-registry serve "$data/config.yml" >"$data/distribution.log" 2>&1 </dev/null &
 pid=$!
 ready "http://127.0.0.1:$port/v2/" 30 || { halt "$pid"; say "distribution did not start"; exit 1; }

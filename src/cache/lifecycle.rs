@@ -270,6 +270,7 @@ impl Cache {
         let floor = p.min_free + if before_download { incoming } else { 0 };
         let enough = |total: u64, free: Option<u64>| total <= target && free.is_none_or(|f| f >= floor);
         let mut queue = candidates.into_iter();
+        let mut deleted = Vec::new();
         while !enough(total, free) {
             let (mut t, mut f) = (total, free);
             let mut batch = Vec::new();
@@ -287,9 +288,9 @@ impl Cache {
             }
             let gone = match report.dry_run {
                 true => batch,
-                false => {
-                    self.store.delete_blobs(&batch.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>())?
-                }
+                false => self
+                    .store
+                    .delete_blobs(&batch.into_iter().map(|(d, n)| (d, Some(n))).collect::<Vec<_>>())?,
             };
             for (d, bytes) in &gone {
                 report.add(d, *bytes, Reason::Lru);
@@ -298,6 +299,7 @@ impl Cache {
             }
             if !report.dry_run {
                 self.count_removed(&gone, Reason::Lru);
+                deleted.extend(gone.into_iter().map(|(d, _)| d));
                 total = self.store.totals().1;
                 free = match p.min_free {
                     0 => None,
@@ -308,6 +310,7 @@ impl Cache {
         if report.dry_run {
             return Ok(enough(total, free));
         }
+        self.store.unlink_layers(&deleted)?;
         let fits = self.fits(incoming, before_download)?;
         if !fits {
             tracing::warn!(
@@ -343,7 +346,7 @@ impl Cache {
                     }
                 }
             }
-            let unreferenced: Vec<(Digest, u64)> = entries
+            let unreferenced: Vec<(Digest, u64, bool)> = entries
                 .into_iter()
                 .filter(|(d, m)| {
                     m.media_type.is_none()
@@ -351,15 +354,15 @@ impl Cache {
                         && !referenced.contains(d)
                         && !self.busy(d)
                 })
-                .map(|(d, m)| (d, m.size))
+                .map(|(d, m)| (d, m.size, true))
                 .collect();
             self.remove(unreferenced, Reason::Gc, &mut report)?;
-            let orphans: Vec<(Digest, u64)> = self
+            let orphans: Vec<(Digest, u64, bool)> = self
                 .store
                 .unindexed_blobs(too_young.min(now_ms()))?
                 .into_iter()
                 .filter(|l| !self.busy(&l.digest))
-                .map(|l| (l.digest, l.size))
+                .map(|l| (l.digest, l.size, false))
                 .collect();
             self.remove(orphans, Reason::Orphan, &mut report)?;
             let spool_age = self.policy.min_age.max(SPOOL_MIN_AGE).as_millis() as u64;
@@ -386,33 +389,56 @@ impl Cache {
         Ok(report)
     }
 
+    /// Removes `blobs` (digest, size, whether indexed) in batches, counted under `reason`.
     fn remove(
         &self,
-        blobs: Vec<(Digest, u64)>,
+        blobs: Vec<(Digest, u64, bool)>,
         reason: Reason,
         report: &mut GcReport,
     ) -> Result<(), StoreError> {
+        let mut deleted = Vec::new();
         for batch in blobs.chunks(BATCH) {
             let gone = match report.dry_run {
-                true => batch.to_vec(),
-                false => {
-                    self.store.delete_blobs(&batch.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>())?
-                }
+                true => batch.iter().map(|(d, n, _)| (d.clone(), *n)).collect(),
+                false => self.store.delete_blobs(
+                    &batch
+                        .iter()
+                        .map(|(d, n, indexed)| (d.clone(), indexed.then_some(*n)))
+                        .collect::<Vec<_>>(),
+                )?,
             };
             for (d, bytes) in &gone {
                 report.add(d, *bytes, reason);
             }
             if !report.dry_run {
                 self.count_removed(&gone, reason);
+                deleted.extend(gone.into_iter().map(|(d, _)| d));
             }
         }
+        self.store.unlink_layers(&deleted)?;
         Ok(())
     }
 
-    /// [`Cache::collect_blocking`] on the blocking pool.
+    /// [`Cache::collect_blocking`] on a thread of its own at a lower CPU priority (nice
+    /// 10): a collection is background work, and on a small machine it would otherwise
+    /// take CPU time from the requests it runs beside. (Not the blocking pool: an
+    /// unprivileged process cannot raise a thread's priority back.)
     pub async fn collect(self: &Arc<Self>, dry_run: bool) -> Result<GcReport, CacheError> {
         let cache = self.clone();
-        super::blocking(move || cache.collect_blocking(dry_run)).await
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("wharf-gc".into())
+            .spawn(move || {
+                let tid = rustix::thread::gettid();
+                if let Err(e) = rustix::process::setpriority_process(Some(tid), 10) {
+                    tracing::debug!(error = %e, "collection runs at normal priority");
+                }
+                let _ = tx.send(cache.collect_blocking(dry_run));
+            })
+            .map_err(|e| CacheError::Internal(format!("starting a collection thread: {e}")))?;
+        rx.await
+            .map_err(|_| CacheError::Internal("the collection thread ended early".into()))?
+            .map_err(CacheError::from)
     }
 
     /// [`Cache::make_room_blocking`] on the blocking pool; whether the bytes fit.

@@ -438,27 +438,28 @@ impl Store {
         Ok(self.blobs.sweep_spools(before_ms, dry_run)?)
     }
 
-    /// Deletes blobs and everything that points at them: the index entry, the in-memory
-    /// copies and every repository's `_layers` link. Returns what was deleted, with sizes.
-    pub fn delete_blobs(&self, digests: &[Digest]) -> Result<Vec<(Digest, u64)>, StoreError> {
+    /// Deletes blobs, their index entries and in-memory copies. `blobs` carries the sizes
+    /// the caller read from the index (`None`: not indexed), so deleting needs no lookup.
+    /// Returns what was deleted, with sizes. Their `_layers` links go with
+    /// [`Store::unlink_layers`], once per pass.
+    pub fn delete_blobs(&self, blobs: &[(Digest, Option<u64>)]) -> Result<Vec<(Digest, u64)>, StoreError> {
         let mut gone = Vec::new();
-        let mut unindexed = Vec::new();
-        for d in digests {
-            let meta = self.index.blob(d)?;
+        let mut indexed = Vec::new();
+        for (d, indexed_size) in blobs {
             let deleted = self.blobs.delete(d)?;
-            if let Some(m) = &meta {
+            if let Some(size) = indexed_size {
                 self.blob_count.fetch_sub(1, Ordering::Relaxed);
                 self.blob_bytes
-                    .fetch_sub(m.size.min(self.blob_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
-                unindexed.push(d.clone());
+                    .fetch_sub((*size).min(self.blob_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+                indexed.push(d.clone());
             }
-            if let Some(size) = deleted.or(meta.map(|m| m.size)) {
+            if let Some(size) = deleted.or(*indexed_size) {
                 gone.push((d.clone(), size));
             }
         }
         // One index batch; a crash before it leaves entries for missing files, which the
         // unclean start's rebuild drops.
-        self.index.remove_blobs(&unindexed)?;
+        self.index.remove_blobs(&indexed)?;
         {
             let mut small = lock(&self.small_blobs);
             let mut accessed = lock(&self.accessed);
@@ -469,12 +470,19 @@ impl Store {
                 accessed.remove(d);
             }
         }
-        let hexes: HashSet<&str> = gone.iter().map(|(d, _)| d.hex()).collect();
+        Ok(gone)
+    }
+
+    /// Removes every repository's `_layers` link to deleted blobs, so a stock registry
+    /// reading the tree never lists a layer whose data is gone. One walk of the
+    /// repositories: call it once for a whole pass of deletions.
+    pub fn unlink_layers(&self, digests: &[Digest]) -> Result<(), StoreError> {
+        let hexes: HashSet<&str> = digests.iter().map(|d| d.hex()).collect();
         if !hexes.is_empty() {
             lock(&self.links).retain(|(_, d)| !hexes.contains(d.hex()));
             self.tree.remove_layer_links(&hexes)?;
         }
-        Ok(gone)
+        Ok(())
     }
 
     /// Records that `repo` holds blob `d` (distribution needs the link to serve it).

@@ -462,6 +462,25 @@ pub fn layout_top_digest(layout: &Path) -> String {
     v["manifests"][0]["digest"].as_str().expect("digest").to_owned()
 }
 
+/// A client that sends `GET path`, reads the response head (returned), then stops reading:
+/// with a small receive buffer it stays mid-transfer for any body much larger than 64 KiB.
+pub async fn stalled_get(addr: SocketAddr, path: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+    let mut s = socket.connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    while !head.windows(4).any(|h| h == b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.expect("response head");
+        head.push(b[0]);
+    }
+    (s, String::from_utf8_lossy(&head).into_owned())
+}
+
 /// Every blob file in wharf's storage tree whose bytes do not hash to its name.
 pub fn damaged_blobs(data: &Path) -> Vec<String> {
     let root = data.join("docker/registry/v2/blobs/sha256");
