@@ -44,7 +44,7 @@ struct State {
     learned: HashSet<Digest>,
     /// (upstream, repository, tag, platform) series given to Prometheus so far.
     series: HashSet<(String, String, String, String)>,
-    /// Counter increments not yet written to the index.
+    /// Counter increments not yet written to the analytics db.
     pending: HashMap<String, u64>,
     /// Pulls per (repository, tag, digest) not yet written to the tag history.
     tag_pulls: HashMap<(RepoKey, Tag, Digest), u64>,
@@ -275,7 +275,7 @@ impl Analytics {
         total.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Writes what was counted since the last flush to the index.
+    /// Writes what was counted since the last flush to the analytics db.
     pub fn flush(&self) -> Result<(), StoreError> {
         let (mut pending, tag_pulls) = {
             let mut st = self.state();
