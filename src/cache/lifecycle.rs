@@ -219,6 +219,7 @@ impl Cache {
     /// Evicts least-recently-used blobs until `incoming` more bytes fit with room to spare
     /// (down to the low watermark of the cap, and `min_free` free). Blocking. Returns
     /// whether they fit afterwards.
+    ///
     /// `before_download`: the bytes are not on disk yet, so the file system must hold
     /// them too, and a pass already running is not waited for (a client waits for its
     /// first byte): what fits now is the answer.
