@@ -403,16 +403,22 @@ impl FillJob {
         // wait for the clients. Until then, new requests join this fill and read the spool.
         self.tx.send_replace(FillState::Verified { size: written });
         self.clients.gone(COMMIT_WAIT).await;
-        if !self.cache.make_room(written, false).await? {
+        let cache = self.cache.clone();
+        let reserved = tokio::task::spawn_blocking(move || cache.reserve_blocking(written))
+            .await
+            .map_err(|e| CacheError::Internal(e.to_string()))??;
+        let Some(reservation) = reserved else {
             // Served, not stored: everything left is pinned, in use or too young to evict.
             self.cache.metrics.uncached_downloads.with_label_values(&["no_room"]).inc();
             tracing::warn!(upstream = %self.up.name, repository = %self.repo, digest = %self.digest, bytes = written, "no room in the cache; blob served but not stored");
             let _ = std::fs::remove_file(&self.spool);
             return Ok(written);
-        }
+        };
         let store: Arc<Store> = self.cache.store.clone();
         let (spool, d, key) = (self.spool.clone(), self.digest.clone(), self.key.clone());
         tokio::task::spawn_blocking(move || {
+            // Held until the blob is counted in the store's totals.
+            let _reservation = reservation;
             f.sync_all()?;
             store.commit_blob(&spool, &d, written)?;
             store.link_layer(&key, &d)

@@ -120,6 +120,18 @@ impl Drop for Lease {
     }
 }
 
+/// Bytes counted against the cap while a commit stores them; released on drop.
+pub struct Reservation {
+    cache: Arc<Cache>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.cache.reserved.fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// One blob removed (or, in a dry run, that would be).
 #[derive(Debug, Clone, Serialize)]
 pub struct Removed {
@@ -200,12 +212,35 @@ impl Cache {
         self.metrics.evicted_bytes.with_label_values(&[reason.as_str()]).inc_by(bytes);
     }
 
+    /// Bytes stored plus bytes reserved by commits under way.
+    fn committed(&self) -> u64 {
+        self.store.totals().1 + self.reserved.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Room for a verified download of `incoming` bytes about to be stored: evicts what it
+    /// must, then reserves the bytes until the returned guard is dropped (after the
+    /// commit), so concurrent commits cannot all pass the same check and overshoot the
+    /// cap together. `None`: no room. Blocking; waits for a running pass.
+    pub(super) fn reserve_blocking(
+        self: &Arc<Self>,
+        incoming: u64,
+    ) -> Result<Option<Reservation>, StoreError> {
+        let _pass = self.pass.lock().unwrap_or_else(|p| p.into_inner());
+        let fits = self.fits(incoming, false)?
+            || (self.policy.bounded() && self.evict_locked(incoming, &mut GcReport::default(), false)?);
+        if !fits {
+            return Ok(None);
+        }
+        self.reserved.fetch_add(incoming, std::sync::atomic::Ordering::AcqRel);
+        Ok(Some(Reservation { cache: self.clone(), bytes: incoming }))
+    }
+
     /// Whether `incoming` more bytes fit within the cap and the free-space floor now
     /// (`on_disk_later`: the bytes still have to be written, so the file system must hold
     /// them too).
     fn fits(&self, incoming: u64, on_disk_later: bool) -> Result<bool, StoreError> {
         let p = &self.policy;
-        if p.max_size > 0 && self.store.totals().1 + incoming > p.max_size {
+        if p.max_size > 0 && self.committed() + incoming > p.max_size {
             return Ok(false);
         }
         if p.min_free > 0 {
@@ -240,6 +275,16 @@ impl Cache {
             }
             Err(std::sync::TryLockError::WouldBlock) => self.pass.lock().unwrap_or_else(|p| p.into_inner()),
         };
+        self.evict_locked(incoming, report, before_download)
+    }
+
+    /// [`Cache::make_room_blocking`]'s work, with the pass lock held by the caller.
+    fn evict_locked(
+        &self,
+        incoming: u64,
+        report: &mut GcReport,
+        before_download: bool,
+    ) -> Result<bool, StoreError> {
         let p = &self.policy;
         let target = match p.max_size {
             0 => u64::MAX,
@@ -263,7 +308,7 @@ impl Cache {
             .map(|(d, m)| (m.accessed_ms, d, m.size))
             .collect();
         candidates.sort_unstable();
-        let mut total = self.store.totals().1.saturating_sub(listed_bytes);
+        let mut total = self.committed().saturating_sub(listed_bytes);
         let mut free = match p.min_free {
             0 => None,
             _ => self.store.free_space()?.map(|f| f + listed_bytes),
@@ -301,7 +346,7 @@ impl Cache {
             if !report.dry_run {
                 self.count_removed(&gone, Reason::Lru);
                 deleted.extend(gone.into_iter().map(|(d, _)| d));
-                total = self.store.totals().1;
+                total = self.committed();
                 free = match p.min_free {
                     0 => None,
                     _ => self.store.free_space()?,

@@ -186,6 +186,8 @@ pub struct Cache {
     pass: Mutex<()>,
     /// Manifest writes running off the response path.
     writes: Arc<std::sync::atomic::AtomicUsize>,
+    /// Bytes of verified downloads being committed, counted against the cap meanwhile.
+    reserved: std::sync::atomic::AtomicU64,
 }
 
 /// One write counted in [`Cache::writes_in_flight`] until dropped.
@@ -227,6 +229,7 @@ impl Cache {
             leases: Arc::default(),
             pass: Mutex::new(()),
             writes: Arc::default(),
+            reserved: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
