@@ -305,7 +305,6 @@ async fn kill_9_at_random_moments_never_corrupts_the_cache() {
     let mut w = wharf_with_cache(&reg, "max_size = \"24MiB\"");
     // Deterministic pseudo-random kill moments (xorshift), 0.05 to 1.5 s into the pulls.
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut kills = 0;
     for round in 0..20 {
         x ^= x << 13;
         x ^= x >> 7;
@@ -329,7 +328,6 @@ async fn kill_9_at_random_moments_never_corrupts_the_cache() {
         // Fault injection, not synchronisation: the kill lands wherever the pulls are.
         std::thread::sleep(delay);
         w.kill9();
-        kills += 1;
         for mut p in pulls {
             let _ = p.kill();
             let _ = p.wait();
@@ -340,7 +338,6 @@ async fn kill_9_at_random_moments_never_corrupts_the_cache() {
         let bad = damaged_blobs(&w.data);
         assert!(bad.is_empty(), "round {round}: blobs that do not hash to their name: {bad:?}");
     }
-    assert_eq!(kills, 20);
 
     // Every image pulls whole with the upstream's digests after all that.
     for (i, (r, l)) in images.iter().enumerate() {

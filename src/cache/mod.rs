@@ -184,25 +184,24 @@ pub struct Cache {
     leases: Arc<Leases>,
     /// One eviction or collection pass at a time.
     pass: Mutex<()>,
-    /// Manifest writes running off the response path.
-    writes: Arc<std::sync::atomic::AtomicUsize>,
     /// Bytes of verified downloads being committed, counted against the cap meanwhile.
     reserved: std::sync::atomic::AtomicU64,
 }
 
-/// One write counted in [`Cache::writes_in_flight`] until dropped.
-struct Writing(Arc<std::sync::atomic::AtomicUsize>);
+/// One manifest write counted in `wharf_inflight_manifest_writes` (which shutdown waits
+/// on) until dropped, however its task ends.
+struct Writing(prometheus::IntGauge);
 
 impl Writing {
-    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Writing {
-        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Writing(count.clone())
+    fn new(gauge: &prometheus::IntGauge) -> Writing {
+        gauge.inc();
+        Writing(gauge.clone())
     }
 }
 
 impl Drop for Writing {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.dec();
     }
 }
 
@@ -228,7 +227,6 @@ impl Cache {
             policy: Policy::new(config),
             leases: Arc::default(),
             pass: Mutex::new(()),
-            writes: Arc::default(),
             reserved: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -397,14 +395,12 @@ impl Cache {
         // stored: the next request fetches it again.
         let m = StoredManifest { bytes: bytes.clone(), media_type: media_type.clone() };
         self.store.stage_manifest(key, d, m);
-        let writing = Writing::new(&self.writes);
-        self.metrics.inflight_manifest_writes.inc();
-        let (store, key, d, metrics) = (self.store.clone(), key.clone(), d.clone(), self.metrics.clone());
+        let writing = Writing::new(&self.metrics.inflight_manifest_writes);
+        let (store, key, d) = (self.store.clone(), key.clone(), d.clone());
         tokio::spawn(async move {
-            let _writing = writing;
             let (s, k, dg) = (store.clone(), key.clone(), d.clone());
             let res = blocking(move || s.put_manifest(&k, &dg, &bytes, &media_type)).await;
-            metrics.inflight_manifest_writes.dec();
+            drop(writing);
             if let Err(e) = res {
                 store.unstage_manifest(&key, &d);
                 tracing::warn!(repository = %key.as_str(), digest = %d, error = %e, "storing a manifest failed; it is fetched again when next asked for");
@@ -415,7 +411,7 @@ impl Cache {
 
     /// Stores in progress: blob downloads and manifest writes (shutdown waits for them).
     pub fn writes_in_flight(&self) -> usize {
-        self.downloads_in_flight() + self.writes.load(std::sync::atomic::Ordering::Acquire)
+        self.downloads_in_flight() + self.metrics.inflight_manifest_writes.get().max(0) as usize
     }
 
     /// A blob to GET: the stored blob, or a download in flight (started if need be). With
