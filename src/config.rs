@@ -14,8 +14,19 @@ use url::Url;
 use crate::oci::valid_component;
 
 /// Top-level keys, the only ones taken from `WHARF_…` environment variables.
-const CONFIG_KEYS: &[&str] =
-    &["listen", "data_dir", "shutdown_grace", "upstreams", "tls", "analytics", "metrics", "cache"];
+const CONFIG_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "shutdown_grace",
+    "upstreams",
+    "tls",
+    "analytics",
+    "metrics",
+    "admin",
+    "cache",
+    "server",
+    "auth",
+];
 
 /// Everything wharf reads at start-up.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -35,10 +46,153 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub analytics: AnalyticsConfig,
+    /// Old name of `admin` (`metrics.listen` is `admin.listen`).
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub cache: CacheConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// What one client, or all of them together, may hold of the server.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// An HTTP/1 request's head must arrive within this; the wait for the next request
+    /// on a kept-alive connection counts too.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight and none started for this long is closed
+    /// (HTTP/1 keep-alive, HTTP/2, and connections that never send a request).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A connection with a response in flight whose client has taken no byte for this
+    /// long is dropped.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog. Also held
+    /// to half the open-file limit, so connections cannot take every descriptor.
+    pub max_connections: usize,
+    /// Most bytes of a request head (HTTP/1), or of its header list (HTTP/2).
+    pub max_header_bytes: ByteSize,
+    /// Concurrent streams one HTTP/2 connection may open.
+    pub http2_max_concurrent_streams: u32,
+    /// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_timeout: Duration,
+    /// Blob downloads from upstreams at once (clients joining one do not count).
+    pub max_inflight_downloads: usize,
+    /// Bytes that downloads in flight may hold in spool files together (a single blob
+    /// larger than this may still download when it is alone); 0 is unbounded.
+    pub max_spool_bytes: ByteSize,
+    /// How long a request beyond those two limits waits for room before it is answered
+    /// 503 with `Retry-After`.
+    #[serde(with = "humantime_serde")]
+    pub download_wait: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            header_read_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(90),
+            write_timeout: Duration::from_secs(60),
+            max_connections: 16_384,
+            max_header_bytes: ByteSize(64 << 10),
+            http2_max_concurrent_streams: 128,
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            max_inflight_downloads: 128,
+            max_spool_bytes: ByteSize(20 << 30),
+            download_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The admin listener: `/metrics` and `/_wharf/*`, apart from the registry API.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// When set, `/metrics` and `/_wharf/*` are served here (plain HTTP) and no longer on
+    /// `listen` (except `/_wharf/health`, which both answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// Who may pull what (downstream clients; upstream credentials are apart).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// An htpasswd file of bcrypt entries (`htpasswd -B`); reloaded when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub htpasswd_file: Option<PathBuf>,
+    /// The realm named in `WWW-Authenticate: Basic realm=…`.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    /// Whether clients without credentials may pull (what `rules` allow anonymous).
+    /// Defaults to true when neither `htpasswd_file` nor `tls.client_ca_file` is set,
+    /// false otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous: Option<bool>,
+    /// `/metrics` and `/_wharf/*` (but `/_wharf/health`) need an authenticated user.
+    #[serde(default)]
+    pub protect_admin: bool,
+    /// Named sets of users, for rules.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub groups: std::collections::BTreeMap<String, Vec<String>>,
+    /// Per-repository rules, first match wins. A repository no rule matches may be
+    /// pulled by every authenticated user, and by anonymous clients when `anonymous`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<AuthRule>,
+    /// Longest a client address is made to wait after failed authentications (the wait
+    /// doubles with each failure, from 100 ms).
+    #[serde(with = "humantime_serde", default = "default_failure_delay")]
+    pub max_failure_delay: Duration,
+}
+
+/// Who may pull the repositories matching `repositories`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthRule {
+    /// Globs on `<upstream>/<repository>` (`docker.io/library/*`, `ghcr.io/org/**`).
+    pub repositories: Vec<String>,
+    /// Users allowed; `"*"` is every authenticated user.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Groups (from `[auth.groups]`) allowed.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Whether clients without credentials may pull these.
+    #[serde(default)]
+    pub anonymous: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            htpasswd_file: None,
+            realm: default_realm(),
+            anonymous: None,
+            protect_admin: false,
+            groups: Default::default(),
+            rules: Vec::new(),
+            max_failure_delay: default_failure_delay(),
+        }
+    }
+}
+
+fn default_realm() -> String {
+    "wharf".into()
+}
+fn default_failure_delay() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// The cache's lifecycle: how big it may grow and what eviction may take.
@@ -167,6 +321,11 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: PathBuf,
+    /// CA certificates (PEM) that client certificates are checked against (mutual TLS).
+    /// A verified certificate's subject common name is the client's user name; clients
+    /// without a certificate connect as before and are anonymous.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// One registry wharf pulls through from.
@@ -247,7 +406,10 @@ impl Default for Config {
             tls: None,
             analytics: AnalyticsConfig::default(),
             metrics: MetricsConfig::default(),
+            admin: AdminConfig::default(),
             cache: CacheConfig::default(),
+            server: ServerConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -346,8 +508,26 @@ impl Config {
                 None => cfg.upstreams.push(UpstreamConfig::new("docker.io", u.clone())),
             }
         }
+        // `metrics.listen` is the old name of `admin.listen`.
+        match (cfg.metrics.listen.take(), cfg.admin.listen) {
+            (Some(m), Some(a)) if m != a => {
+                return Err(ConfigError::Invalid(format!(
+                    "metrics.listen ({m}) and admin.listen ({a}) name one listener: set admin.listen only"
+                )))
+            }
+            (Some(m), _) => cfg.admin.listen = Some(m),
+            _ => {}
+        }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Whether clients without credentials may pull at all.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.auth.anonymous.unwrap_or(
+            self.auth.htpasswd_file.is_none()
+                && self.tls.as_ref().and_then(|t| t.client_ca_file.as_ref()).is_none(),
+        )
     }
 
     /// Checks what serde cannot: names usable as storage paths, URL schemes.
@@ -365,6 +545,49 @@ impl Config {
         for g in &c.pins {
             globset::Glob::new(g)
                 .map_err(|e| ConfigError::Invalid(format!("cache.pins: bad pattern {g:?}: {e}")))?;
+        }
+        let sv = &self.server;
+        for (key, d) in [
+            ("header_read_timeout", sv.header_read_timeout),
+            ("idle_timeout", sv.idle_timeout),
+            ("write_timeout", sv.write_timeout),
+            ("http2_keepalive_interval", sv.http2_keepalive_interval),
+            ("http2_keepalive_timeout", sv.http2_keepalive_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid(format!("server.{key}: must be more than 0")));
+            }
+        }
+        if sv.max_connections == 0 || sv.max_inflight_downloads == 0 || sv.http2_max_concurrent_streams == 0 {
+            return Err(ConfigError::Invalid(
+                "server.max_connections, max_inflight_downloads and http2_max_concurrent_streams must be more than 0"
+                    .into(),
+            ));
+        }
+        if sv.max_header_bytes.0 < 4096 || sv.max_header_bytes.0 > (16 << 20) {
+            return Err(ConfigError::Invalid("server.max_header_bytes: must be in 4KiB..16MiB".into()));
+        }
+        for (i, r) in self.auth.rules.iter().enumerate() {
+            if r.repositories.is_empty() {
+                return Err(ConfigError::Invalid(format!("auth.rules[{i}]: repositories is empty")));
+            }
+            for g in &r.repositories {
+                globset::Glob::new(g)
+                    .map_err(|e| ConfigError::Invalid(format!("auth.rules[{i}]: bad pattern {g:?}: {e}")))?;
+            }
+            if let Some(g) = r.groups.iter().find(|g| !self.auth.groups.contains_key(*g)) {
+                return Err(ConfigError::Invalid(format!(
+                    "auth.rules[{i}]: no group {g:?} in [auth.groups]"
+                )));
+            }
+        }
+        if self.auth.protect_admin
+            && self.auth.htpasswd_file.is_none()
+            && self.tls.as_ref().and_then(|t| t.client_ca_file.as_ref()).is_none()
+        {
+            return Err(ConfigError::Invalid(
+                "auth.protect_admin needs auth.htpasswd_file or tls.client_ca_file: nobody could read the metrics".into(),
+            ));
         }
         if self.upstreams.is_empty() {
             return Err(ConfigError::Invalid("at least one [[upstreams]] entry is needed".into()));

@@ -11,16 +11,19 @@
 //!   distribution's layout is the first), the sled index derived from the tree with per-tag
 //!   history, and the analytics counters that are not derivable.
 //! - [`upstream`]: one HTTP client per configured registry, with auth and timeouts.
+//! - [`auth`]: downstream access control: who a request is (htpasswd, client
+//!   certificates) and which repositories that identity may pull.
 //! - [`analytics`]: the one place requests are accounted: pulls by tag and platform,
 //!   bounded label cardinality, per-day counts kept in the store's analytics db.
 //!
 //! Around them: [`config`] (layered configuration), [`server`] (accept loop, TLS with
-//! certificate reload, graceful shutdown), [`metrics`] (every metric, defined once), [`oci`]
+//! certificate reload, graceful shutdown, and the limits a hostile client meets), [`metrics`] (every metric, defined once), [`oci`]
 //! (the grammar's newtypes), [`zerocopy`] (stored blobs sent by `sendfile` on plain-TCP
 //! HTTP/1 connections). [`api::resolve`] is where a request finds its upstream.
 
 pub mod analytics;
 pub mod api;
+pub mod auth;
 pub mod cache;
 pub mod cli;
 pub mod config;
@@ -62,6 +65,8 @@ pub struct AppState {
     pub upstreams: Arc<Vec<Arc<Upstream>>>,
     /// Per-request accounting and pull analytics.
     pub analytics: Arc<analytics::Analytics>,
+    /// Who may pull what.
+    pub auth: Arc<auth::Auth>,
 }
 
 impl AppState {
@@ -77,9 +82,11 @@ impl AppState {
             .collect::<Result<Vec<_>, _>>()?;
         let analytics =
             Arc::new(analytics::Analytics::new(metrics.clone(), store.clone(), config.analytics.max_series));
+        let auth = Arc::new(auth::Auth::new(&config, metrics.clone()).map_err(ConfigError::Invalid)?);
         Ok(AppState {
             analytics,
-            cache: Arc::new(Cache::new(store, metrics.clone(), &config.cache)),
+            auth,
+            cache: Arc::new(Cache::new(store, metrics.clone(), &config.cache, &config.server)),
             config: Arc::new(config),
             metrics,
             upstreams: Arc::new(upstreams),

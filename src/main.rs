@@ -57,18 +57,20 @@ type Res = Result<(), Box<dyn std::error::Error>>;
 
 async fn serve(config: Config) -> Res {
     let listen = config.listen;
+    wharf::server::raise_open_file_limit();
     let state = AppState::open(config)?;
     let listener = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
-    let admin = match state.config.metrics.listen {
+    let admin = match state.config.admin.listen {
         Some(l) => Some(
-            TcpListener::bind(l).await.map_err(|e| format!("cannot listen on {l} (metrics.listen): {e}"))?,
+            TcpListener::bind(l).await.map_err(|e| format!("cannot listen on {l} (admin.listen): {e}"))?,
         ),
         None => None,
     };
     let metrics_addr = admin.as_ref().and_then(|a| a.local_addr().ok()).map(|a| a.to_string());
     let info_path = state.config.data_dir.join("wharf/server.json");
-    let info = serde_json::json!({ "addr": addr.to_string(), "metrics_addr": metrics_addr, "pid": std::process::id() });
+    // `metrics_addr` is the admin listener's address (its old name, kept for scripts).
+    let info = serde_json::json!({ "addr": addr.to_string(), "admin_addr": metrics_addr, "metrics_addr": metrics_addr, "pid": std::process::id() });
     std::fs::write(&info_path, info.to_string())?;
     tracing::info!(%addr, data_dir = %state.config.data_dir.display(), upstream = %state.config.upstreams[0].url, "wharf listening");
     let res = wharf::serve_with_admin(listener, admin, state, shutdown_signal()).await;
@@ -104,11 +106,18 @@ async fn call_server(
 ) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     let info: serde_json::Value =
         serde_json::from_slice(&std::fs::read(config.data_dir.join("wharf/server.json"))?)?;
-    let mut addr: SocketAddr = info["addr"].as_str().ok_or("server.json has no addr")?.parse()?;
+    // With an admin listener, `/_wharf/*` is served there only, over plain HTTP.
+    let (addr, scheme) = match info["admin_addr"].as_str() {
+        Some(a) => (a, "http"),
+        None => (
+            info["addr"].as_str().ok_or("server.json has no addr")?,
+            if config.tls.is_some() { "https" } else { "http" },
+        ),
+    };
+    let mut addr: SocketAddr = addr.parse()?;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let scheme = if config.tls.is_some() { "https" } else { "http" };
     // The server is on this machine and named in our own data dir; its certificate may be
     // for another name than the address we reach it by.
     let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build()?;

@@ -58,6 +58,20 @@ pub struct Metrics {
     pub uncached_downloads: IntCounterVec,
     /// Error responses, by OCI error code.
     pub errors: IntCounterVec,
+    /// Client connections open, and the most that are served at once.
+    pub connections: IntGauge,
+    pub connection_limit: IntGauge,
+    /// Connections closed by the server, by reason (idle, write_timeout).
+    pub connections_closed: IntCounterVec,
+    /// Failed downstream authentications and refusals, by reason (missing, malformed,
+    /// unknown_user, bad_password, forbidden, bad_certificate).
+    pub auth_failures: IntCounterVec,
+    /// Requests refused because downloads were at their limits, by limit (downloads,
+    /// spool_bytes).
+    pub downloads_refused: IntCounterVec,
+    /// Bytes downloads in flight hold in spool files (counted against
+    /// `server.max_spool_bytes`).
+    pub spool_bytes: IntGauge,
 }
 
 /// Registers metrics and remembers their names.
@@ -107,6 +121,24 @@ impl Metrics {
         );
         build.set(1);
         Metrics {
+            connections: r.gauge("wharf_connections", "Client connections open"),
+            connection_limit: r.gauge("wharf_connection_limit", "Client connections served at once (server.max_connections)"),
+            connections_closed: r.counter_vec(
+                "wharf_connections_closed_total",
+                "Connections closed by the server, by reason",
+                &["reason"],
+            ),
+            auth_failures: r.counter_vec(
+                "wharf_auth_failures_total",
+                "Failed downstream authentications and refused pulls, by reason",
+                &["reason"],
+            ),
+            downloads_refused: r.counter_vec(
+                "wharf_downloads_refused_total",
+                "Requests refused because upstream downloads were at a limit",
+                &["limit"],
+            ),
+            spool_bytes: r.gauge("wharf_spool_bytes", "Bytes of downloads in flight counted against server.max_spool_bytes"),
             http_requests: r.counter_vec(
                 "wharf_http_requests_total",
                 "HTTP requests answered",

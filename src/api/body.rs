@@ -50,80 +50,42 @@ pub fn channel(depth: usize) -> (mpsc::Sender<io::Result<Bytes>>, Body) {
 }
 
 /// Bytes per read when streaming a stored file.
-const FILE_CHUNK: usize = 512 * 1024;
-/// Buffers one file response may have in flight (being read, queued, or being written).
-const FILE_BUFFERS: usize = 2;
+const FILE_CHUNK: usize = 256 * 1024;
 
-/// A read buffer that goes back to its response's ring when hyper is done with it, so a
-/// long transfer reuses a few warm buffers instead of allocating every chunk.
-struct Pooled {
-    buf: Vec<u8>,
-    len: usize,
-    home: std::sync::mpsc::SyncSender<Vec<u8>>,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        let _ = self.home.try_send(std::mem::take(&mut self.buf));
-    }
-}
-
-/// A body reading `len` bytes of `file` from `start`, on one blocking thread for the whole
-/// response, with at most [`FILE_BUFFERS`] buffers of [`FILE_CHUNK`] bytes in flight.
+/// A body reading `len` bytes of `file` from `start`. Each chunk is read on the blocking
+/// pool when the body is polled, and the next one while it is on its way: a client that
+/// stops reading holds at most two chunks, never a thread, and a response never polled
+/// (an HTTP/2 stream without flow-control window) holds nothing.
 pub fn file(file: std::fs::File, start: u64, len: u64, on_chunk: impl Fn(u64) + Send + 'static) -> Body {
-    use std::os::unix::fs::FileExt;
-    let (tx, body) = channel(FILE_BUFFERS);
-    tokio::task::spawn_blocking(move || {
-        let (home, ring) = std::sync::mpsc::sync_channel::<Vec<u8>>(FILE_BUFFERS);
-        let mut allocated = 0;
-        let (mut off, end) = (start, start + len);
-        while off < end {
-            let mut buf = match ring.try_recv() {
-                Ok(b) => b,
-                Err(_) if allocated < FILE_BUFFERS => {
-                    allocated += 1;
-                    vec![0; FILE_CHUNK]
-                }
-                // Every buffer is queued or on the wire: wait for the client to take one.
-                Err(_) => match ring.recv() {
-                    Ok(b) => b,
-                    Err(_) => return,
-                },
+    let file = std::sync::Arc::new(file);
+    let end = start + len;
+    let read = move |off: u64| {
+        let file = file.clone();
+        let want = (end - off).min(FILE_CHUNK as u64) as usize;
+        tokio::task::spawn_blocking(move || crate::cache::read_at(&file, off, want))
+    };
+    let chunks = futures_util::stream::unfold((start, None), move |(off, ahead)| {
+        let read = read.clone();
+        async move {
+            if off >= end {
+                return None;
+            }
+            let chunk = match ahead.unwrap_or_else(|| read(off)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Some((Err(e), (end, None))),
+                Err(e) => return Some((Err(io::Error::other(e.to_string())), (end, None))),
             };
-            let want = (end - off).min(FILE_CHUNK as u64) as usize;
-            let mut got = 0;
-            while got < want {
-                match file.read_at(&mut buf[got..want], off + got as u64) {
-                    Ok(0) => {
-                        let _ = tx.blocking_send(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "blob shorter than expected",
-                        )));
-                        return;
-                    }
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(e));
-                        return;
-                    }
-                }
-            }
-            on_chunk(want as u64);
-            let chunk = Bytes::from_owner(Pooled { buf, len: want, home: home.clone() });
-            if tx.blocking_send(Ok(chunk)).is_err() {
-                return;
-            }
-            off += want as u64;
+            let after = off + chunk.len() as u64;
+            let ahead = (after < end).then(|| read(after));
+            Some((Ok(chunk), (after, ahead)))
         }
     });
-    body
+    let counted = futures_util::StreamExt::inspect(chunks, move |c| {
+        if let Ok(c) = c {
+            on_chunk(c.len() as u64)
+        }
+    });
+    stream(counted)
 }
 
 /// Bytes per chunk of a mapped body: the unit of read-ahead and of byte accounting.

@@ -9,6 +9,9 @@ use crate::upstream::UpstreamError;
 
 use super::body::{full, Body};
 
+/// What a client refused for wharf's own limits is told to wait before it retries.
+const RETRY_AFTER_SECS: &str = "5";
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
     NameInvalid(String),
@@ -20,7 +23,10 @@ pub enum ApiError {
     BlobUnknown(String),
     Unsupported(String),
     Denied(String),
+    Unauthorized(String),
     TooManyRequests(String),
+    /// Wharf's own limits (downloads, spool bytes) are reached: 503 with `Retry-After`.
+    Busy(String),
     Unavailable(String),
     BadGateway(String),
     RangeNotSatisfiable(u64),
@@ -57,6 +63,8 @@ impl ApiError {
             ApiError::BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
             ApiError::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             ApiError::Denied(_) => (StatusCode::FORBIDDEN, "DENIED"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+            ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "TOOMANYREQUESTS"),
             ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "UNKNOWN"),
@@ -81,6 +89,8 @@ impl ApiError {
             | ApiError::BlobUnknown(m)
             | ApiError::Unsupported(m)
             | ApiError::Denied(m)
+            | ApiError::Unauthorized(m)
+            | ApiError::Busy(m)
             | ApiError::TooManyRequests(m)
             | ApiError::Unavailable(m)
             | ApiError::BadGateway(m)
@@ -108,6 +118,7 @@ impl ApiError {
             e @ (CacheError::DigestMismatch { .. } | CacheError::UnknownManifestType) => {
                 ApiError::BadGateway(e.to_string())
             }
+            e @ CacheError::Busy(_) => ApiError::Busy(e.to_string()),
             e @ (CacheError::Store(_) | CacheError::Internal(_)) => ApiError::Internal(e.to_string()),
         }
     }
@@ -144,6 +155,9 @@ impl ApiError {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                 h.insert(header::CONTENT_RANGE, v);
             }
+        }
+        if let ApiError::Busy(_) = self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
         }
         if status == StatusCode::METHOD_NOT_ALLOWED {
             h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));

@@ -18,6 +18,7 @@ pub use error::ApiError;
 pub use route::{parse as parse_route, Route};
 
 use crate::analytics::ManifestServed;
+use crate::auth::{Access, Identity};
 use crate::cache::{read_at, BlobBody, Lease, ServedManifest};
 use crate::oci::{default_platform_child, is_index, Digest, Reference, RepoName, Tag, OCI_MANIFEST};
 use crate::store::RepoKey;
@@ -28,33 +29,78 @@ use crate::AppState;
 /// Blobs (or ranges) up to this size are read inline instead of on the blocking pool.
 const INLINE_READ_MAX: u64 = 64 * 1024;
 
-/// Answers one request. Never fails: errors become OCI error responses.
+/// The verified client certificate's user name, set on requests of mutual-TLS connections.
+#[derive(Clone, Debug)]
+pub struct ClientCert(pub Arc<str>);
+
+/// Which listener a request came in on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Port {
+    Data,
+    Admin,
+}
+
+/// Answers one request on the registry port. Never fails: errors become OCI error
+/// responses.
 pub async fn handle(state: AppState, req: Request<Incoming>, client: IpAddr) -> Response<Body> {
+    answer(state, req, client, Port::Data).await
+}
+
+/// The admin listener (`admin.listen`): `/metrics` and `/_wharf/*`, no registry API.
+pub async fn handle_admin(state: AppState, req: Request<Incoming>, client: IpAddr) -> Response<Body> {
+    answer(state, req, client, Port::Admin).await
+}
+
+async fn answer(state: AppState, req: Request<Incoming>, client: IpAddr, port: Port) -> Response<Body> {
     let start = Instant::now();
     let method = req.method().clone();
     let route = route::parse(req.uri().path());
     let label = route.as_ref().map(Route::label).unwrap_or("other");
-    let span = tracing::info_span!("request", method = %method, route = label, uri = %req.uri());
+    let span = tracing::info_span!("request", method = %method, route = label, uri = %req.uri(), user = tracing::field::Empty);
     let head = method == Method::HEAD;
     let resp = async {
-        let gc_run = method == Method::POST && matches!(route, Ok(Route::Gc));
+        let route = route?;
+        let admin_route = route.is_admin();
+        match (port, admin_route) {
+            (Port::Admin, false) if !matches!(route, Route::Health) => return Err(ApiError::NotFound(
+                "this address serves /metrics and /_wharf/* only; the registry API is on the main listener"
+                    .into(),
+            )),
+            (Port::Data, true) if state.config.admin.listen.is_some() => {
+                return Err(ApiError::NotFound("served on the admin listener (admin.listen) only".into()))
+            }
+            _ => {}
+        }
+        let gc_run = method == Method::POST && matches!(route, Route::Gc);
         if method != Method::GET && method != Method::HEAD && !gc_run {
             return Err(ApiError::Unsupported(format!(
                 "{method} is not supported: wharf is a read-only mirror"
             )));
         }
+        let identity = identify(&state, &req, client, &route).await?;
         let query = Query::parse(req.uri().query());
         // HTTP/2 multiplexes streams into frames it copies: only HTTP/1 sends blobs zero-copy.
         let zerocopy = match req.version() {
             Version::HTTP_10 | Version::HTTP_11 => req.extensions().get::<Arc<Regions>>(),
             _ => None,
         };
-        let ctx = Ctx { query: &query, headers: req.headers(), head, client, zerocopy, post: gc_run };
-        dispatch(&state, route?, &ctx).await
+        let ctx =
+            Ctx { query: &query, headers: req.headers(), head, client, zerocopy, post: gc_run, identity };
+        dispatch(&state, route, &ctx).await
     }
     .instrument(span.clone())
     .await;
-    let mut resp = resp.unwrap_or_else(|e| span.in_scope(|| e.into_response(&state.metrics, head)));
+    let mut resp = resp.unwrap_or_else(|e| {
+        let challenge = matches!(e, ApiError::Unauthorized(_));
+        let mut r = span.in_scope(|| e.into_response(&state.metrics, head));
+        if challenge {
+            let realm = state.auth.realm.replace(['"', '\\'], "");
+            if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\"")) {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        r
+    });
     resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
     let m = &state.metrics;
     m.http_requests.with_label_values(&[method.as_str(), label, resp.status().as_str()]).inc();
@@ -63,13 +109,35 @@ pub async fn handle(state: AppState, req: Request<Incoming>, client: IpAddr) -> 
     resp
 }
 
-/// The admin listener (`metrics.listen`): `/metrics` and `/_wharf/health` only.
-pub async fn handle_admin(state: AppState, req: hyper::Request<Incoming>, client: IpAddr) -> Response<Body> {
-    match route::parse(req.uri().path()) {
-        Ok(Route::Metrics | Route::Health | Route::Gc) => handle(state, req, client).await,
-        _ => ApiError::NotFound("this address serves /metrics, /_wharf/health and /_wharf/gc only".into())
-            .into_response(&state.metrics, req.method() == Method::HEAD),
+/// Who sent the request, and whether that identity may use `route` at all (per-repository
+/// rules are checked once the repository is resolved). Health is open to everyone.
+async fn identify(
+    state: &AppState,
+    req: &Request<Incoming>,
+    client: IpAddr,
+    route: &Route,
+) -> Result<Identity, ApiError> {
+    let auth = &state.auth;
+    if matches!(route, Route::Health) {
+        return Ok(Identity::Anonymous);
     }
+    let cert = req.extensions().get::<ClientCert>().map(|c| &c.0);
+    let id = match auth.identify(req.headers(), cert).await {
+        Ok(id) => id,
+        Err(e) => {
+            auth.failed(client, e.reason(), true).await;
+            return Err(ApiError::Unauthorized(e.to_string()));
+        }
+    };
+    if let Identity::User(user) = &id {
+        auth.succeeded(client);
+        tracing::Span::current().record("user", &**user);
+    }
+    let allowed = if route.is_admin() { auth.may_admin(&id) } else { auth.may_probe(&id) };
+    if !allowed {
+        return Err(ApiError::Unauthorized("authentication required".into()));
+    }
+    Ok(id)
 }
 
 /// What handlers need to know of the request besides its route.
@@ -83,6 +151,7 @@ struct Ctx<'a> {
     zerocopy: Option<&'a Arc<Regions>>,
     /// A POST (only `/_wharf/gc` takes one).
     post: bool,
+    identity: Identity,
 }
 
 async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
@@ -100,7 +169,7 @@ async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Respo
             Ok(r)
         }
         Route::Manifest { name, reference } => {
-            let (up, name) = pullable(state, &name, query)?;
+            let (up, name) = pullable(state, &name, req)?;
             let m = match manifest(state, &up, &name, &reference, headers).await {
                 Ok(m) => m,
                 Err(e) => {
@@ -122,7 +191,7 @@ async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Respo
             Ok(manifest_response(&m, head))
         }
         Route::Blob { name, digest } => {
-            let (up, name) = pullable(state, &name, query)?;
+            let (up, name) = pullable(state, &name, req)?;
             let res = if head {
                 blob_head(state, &up, &name, &digest).await
             } else {
@@ -134,7 +203,7 @@ async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Respo
             res
         }
         Route::TagsList { name: asked } => {
-            let (up, name) = pullable(state, &asked, query)?;
+            let (up, name) = pullable(state, &asked, req)?;
             let page = state
                 .cache
                 .tags_list(&up, &name, query.n, query.last.as_deref())
@@ -157,7 +226,12 @@ async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Respo
             let json = serde_json::json!({ "repositories": page.names });
             Ok(listing_response(json, &page, "/v2/_catalog", query, head))
         }
-        Route::History { name, tag } => history(state, &name, &tag, query, head),
+        Route::History { name, tag } => {
+            let (st, ns) = (state.clone(), query.ns.clone());
+            tokio::task::spawn_blocking(move || history(&st, &name, &tag, ns.as_deref(), head))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+        }
         Route::Gc => {
             // GET is a dry run: it reports and changes nothing.
             let report = state.cache.collect(!req.post).await.map_err(|e| ApiError::from_cache(e, false))?;
@@ -165,8 +239,12 @@ async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Respo
             Ok(json_response(StatusCode::OK, Bytes::from(json), head))
         }
         Route::Stats => {
+            // A report reads every per-day series: not on the async workers.
+            let (store, top, since) = (state.store().clone(), query.top.unwrap_or(10), query.since.clone());
             let report =
-                crate::analytics::report(state.store(), query.top.unwrap_or(10), query.since.as_deref())
+                tokio::task::spawn_blocking(move || crate::analytics::report(&store, top, since.as_deref()))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
                     .map_err(|e| ApiError::Internal(e.to_string()))?;
             let json = serde_json::to_vec(&report).map_err(|e| ApiError::Internal(e.to_string()))?;
             Ok(json_response(StatusCode::OK, Bytes::from(json), head))
@@ -247,9 +325,29 @@ pub fn resolve(
     Ok((up, repo))
 }
 
-/// [`resolve`], then the upstream's allow/deny rules.
-fn pullable(state: &AppState, name: &RepoName, query: &Query) -> Result<(Arc<Upstream>, RepoName), ApiError> {
-    let (up, repo) = resolve(&state.upstreams, name, query.ns.as_deref())?;
+/// [`resolve`], then the access rules for this client, then the upstream's allow/deny
+/// rules.
+fn pullable(state: &AppState, name: &RepoName, req: &Ctx<'_>) -> Result<(Arc<Upstream>, RepoName), ApiError> {
+    let (up, repo) = resolve(&state.upstreams, name, req.query.ns.as_deref())?;
+    match state.auth.may_pull(&req.identity, &up.name, repo.as_str()) {
+        Access::Allowed => {}
+        Access::NeedsCredentials => {
+            return Err(ApiError::Unauthorized(format!(
+                "authentication required to pull {}/{}",
+                up.name,
+                repo.as_str()
+            )))
+        }
+        Access::Forbidden => {
+            state.auth.refused("forbidden");
+            return Err(ApiError::Denied(format!(
+                "{} may not pull {}/{}",
+                req.identity.name(),
+                up.name,
+                repo.as_str()
+            )));
+        }
+    }
     up.check_access(&repo).map_err(ApiError::Denied)?;
     Ok((up, repo))
 }
@@ -556,10 +654,10 @@ fn history(
     state: &AppState,
     name: &RepoName,
     tag: &Tag,
-    query: &Query,
+    ns: Option<&str>,
     head: bool,
 ) -> Result<Response<Body>, ApiError> {
-    let (up, repo) = resolve(&state.upstreams, name, query.ns.as_deref())?;
+    let (up, repo) = resolve(&state.upstreams, name, ns)?;
     let key = RepoKey::new(&up.name, &repo);
     let entries = state.store().history(&key, tag).map_err(|e| ApiError::Internal(e.to_string()))?;
     if entries.is_empty() {

@@ -30,6 +30,12 @@ pub enum Route {
 }
 
 impl Route {
+    /// Routes of the admin surface: on `admin.listen` when it is set, never on the data
+    /// port then (health is answered by both).
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Route::Metrics | Route::Stats | Route::Gc | Route::History { .. })
+    }
+
     /// A short, bounded label for metrics and logs.
     pub fn label(&self) -> &'static str {
         match self {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use sha2::{Digest as _, Sha256};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::oci::{Digest, RepoName};
 use crate::store::{RepoKey, Store};
@@ -245,23 +245,42 @@ pub fn read_at(file: &File, off: u64, len: usize) -> io::Result<Bytes> {
     Ok(buf.freeze())
 }
 
+/// What [`Cache::join_or_start_fill`] found.
+pub(super) enum Joined {
+    /// A fill to stream, and whether it was already running.
+    Fill(Arc<Fill>, bool),
+    /// The blob is stored now.
+    Stored,
+    /// A new download is needed and none of `server.max_inflight_downloads` is free.
+    NeedsSlot,
+}
+
 impl Cache {
-    /// Joins the fill of `d` in flight, or starts one. `None` when the blob is already stored
-    /// (checked under the fills lock, so a fill that just finished is never started twice).
+    /// Joins the fill of `d` in flight, or starts one with `slot` (a download permit,
+    /// taken without waiting when not given). Checked under the fills lock, so a fill
+    /// that just finished is never started twice.
     pub(super) fn join_or_start_fill(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
         repo: &RepoName,
         key: &RepoKey,
         d: &Digest,
-    ) -> Result<Option<(Arc<Fill>, bool)>, CacheError> {
+        slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<Joined, CacheError> {
         let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = fills.get(d) {
-            return Ok(Some((f.clone(), true)));
+            return Ok(Joined::Fill(f.clone(), true));
         }
         if self.store.blob_size(d)?.is_some() {
-            return Ok(None);
+            return Ok(Joined::Stored);
         }
+        let permit = match slot.take() {
+            Some(p) => p,
+            None => match self.limits.downloads.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => return Ok(Joined::NeedsSlot),
+            },
+        };
         let crate::store::Spool { file, path: spool } =
             self.store.spool().map_err(|e| CacheError::from(crate::store::StoreError::from(e)))?;
         let (tx, rx) = watch::channel(FillState::Connecting);
@@ -275,6 +294,7 @@ impl Cache {
             ),
         });
         fills.insert(d.clone(), fill.clone());
+        self.metrics.inflight_downloads.inc();
         let job = FillJob {
             cache: self.clone(),
             up: up.clone(),
@@ -284,13 +304,19 @@ impl Cache {
             spool,
             tx,
             clients,
+            fill: Arc::downgrade(&fill),
+            _slot: permit,
+            spooled: Spooled { limits: self.limits.clone(), bytes: 0 },
+            finished: false,
         };
         tokio::spawn(job.run(file));
-        Ok(Some((fill, false)))
+        Ok(Joined::Fill(fill, false))
     }
 }
 
-/// The task that downloads one blob.
+/// The task that downloads one blob. Dropped however the task ends (finished, panicked,
+/// cancelled): its `Drop` takes the fill out of the in-flight map and fails it for its
+/// clients, so a later request starts a new download instead of waiting on a dead one.
 struct FillJob {
     cache: Arc<Cache>,
     up: Arc<Upstream>,
@@ -300,32 +326,154 @@ struct FillJob {
     spool: PathBuf,
     tx: watch::Sender<FillState>,
     clients: Arc<Clients>,
+    /// This job's entry in the in-flight map (removed only if it is still this one).
+    fill: std::sync::Weak<Fill>,
+    /// One of `server.max_inflight_downloads`, held until the job ends.
+    _slot: OwnedSemaphorePermit,
+    /// This download's bytes counted against `server.max_spool_bytes`.
+    spooled: Spooled,
+    /// Set when `run` reached its end and published the result.
+    finished: bool,
 }
 
 impl FillJob {
-    async fn run(self, file: File) {
-        let metrics = self.cache.metrics.clone();
-        metrics.inflight_downloads.inc();
+    async fn run(mut self, file: File) {
         let result = self.download(file).await;
-        metrics.inflight_downloads.dec();
         let state = match result {
             Ok(size) => FillState::Done { size },
             Err(e) => {
                 let _ = std::fs::remove_file(&self.spool);
-                if let CacheError::DigestMismatch { .. } = e {
-                    metrics.digest_mismatch.with_label_values(&[&self.up.name]).inc();
+                match &e {
+                    CacheError::DigestMismatch { .. } => {
+                        self.cache.metrics.digest_mismatch.with_label_values(&[&self.up.name]).inc()
+                    }
+                    CacheError::Busy(limit) => {
+                        self.cache.metrics.downloads_refused.with_label_values(&[limit]).inc()
+                    }
+                    _ => {}
                 }
                 tracing::warn!(upstream = %self.up.name, repository = %self.repo, digest = %self.digest, error = %e, "blob download failed; nothing cached");
                 FillState::Failed(e)
             }
         };
-        self.cache.fills.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.digest);
+        self.leave_map();
         self.tx.send_replace(state);
+        self.finished = true;
     }
 
-    async fn download(&self, file: File) -> Result<u64, CacheError> {
+    fn leave_map(&self) {
+        let mut fills = self.cache.fills.lock().unwrap_or_else(|p| p.into_inner());
+        let ours = match (fills.get(&self.digest), self.fill.upgrade()) {
+            (Some(f), Some(mine)) => Arc::ptr_eq(f, &mine),
+            (Some(_), None) => false,
+            (None, _) => false,
+        };
+        if ours {
+            fills.remove(&self.digest);
+        }
+    }
+}
+
+impl Drop for FillJob {
+    fn drop(&mut self) {
+        if !self.finished {
+            tracing::error!(digest = %self.digest, "blob download task ended without a result; nothing cached");
+            let _ = std::fs::remove_file(&self.spool);
+            self.leave_map();
+            self.tx.send_replace(FillState::Failed(CacheError::Internal(
+                "the download task ended early".into(),
+            )));
+        }
+        self.cache.metrics.inflight_downloads.dec();
+    }
+}
+
+/// Download slots and the spool-byte budget (`server.max_inflight_downloads`,
+/// `server.max_spool_bytes`), shared by every fill.
+pub(super) struct Limits {
+    pub(super) downloads: Arc<Semaphore>,
+    max_spool: u64,
+    spool: std::sync::Mutex<u64>,
+    freed: Notify,
+    pub(super) wait: Duration,
+    gauge: prometheus::IntGauge,
+}
+
+impl Limits {
+    pub(super) fn new(cfg: &crate::config::ServerConfig, gauge: prometheus::IntGauge) -> Limits {
+        Limits {
+            downloads: Arc::new(Semaphore::new(cfg.max_inflight_downloads)),
+            max_spool: cfg.max_spool_bytes.0,
+            spool: std::sync::Mutex::new(0),
+            freed: Notify::new(),
+            wait: cfg.download_wait,
+            gauge,
+        }
+    }
+
+    /// Adds `n` bytes if they fit (or nothing else is spooled: a blob larger than the
+    /// whole budget still downloads alone).
+    fn try_add(&self, n: u64) -> bool {
+        let mut cur = self.spool.lock().unwrap_or_else(|p| p.into_inner());
+        if self.max_spool == 0 || *cur == 0 || *cur + n <= self.max_spool {
+            *cur += n;
+            self.gauge.set(*cur as i64);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn release(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut cur = self.spool.lock().unwrap_or_else(|p| p.into_inner());
+        *cur = cur.saturating_sub(n);
+        self.gauge.set(*cur as i64);
+        drop(cur);
+        self.freed.notify_waiters();
+    }
+}
+
+/// Bytes of one download counted against the spool budget, released when dropped.
+struct Spooled {
+    limits: Arc<Limits>,
+    bytes: u64,
+}
+
+impl Spooled {
+    /// Counts `n` more bytes, waiting up to `server.download_wait` for room.
+    async fn reserve(&mut self, n: u64) -> Result<(), CacheError> {
+        let deadline = tokio::time::Instant::now() + self.limits.wait;
+        loop {
+            let freed = self.limits.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.limits.try_add(n) {
+                self.bytes += n;
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(CacheError::Busy("spool_bytes"));
+            }
+        }
+    }
+}
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        self.limits.release(self.bytes);
+    }
+}
+
+impl FillJob {
+    async fn download(&mut self, file: File) -> Result<u64, CacheError> {
         let resp = self.up.get_blob(&self.repo, &self.digest).await?;
         let size = resp.content_length();
+        if let Some(n) = size {
+            self.spooled.reserve(n).await?;
+        }
         if let Some(n) = size {
             // Make room before the bytes land, so the spool does not fill the disk. Only
             // advice: whether the blob is stored is decided when it is complete.
@@ -367,6 +515,13 @@ impl FillJob {
             let n = n as u64;
             if size.is_some_and(|s| written + n > s) {
                 return Err(UpstreamError::Invalid("blob body longer than its Content-Length".into()).into());
+            }
+            if size.is_none() {
+                // No length announced: counted as it arrives, without waiting.
+                if !self.spooled.limits.try_add(n) {
+                    return Err(CacheError::Busy("spool_bytes"));
+                }
+                self.spooled.bytes += n;
             }
             let (mut f, mut h) = sink.take().ok_or_else(|| CacheError::Internal("spool lost".into()))?;
             let (f, h, res) = tokio::task::spawn_blocking(move || {

@@ -36,6 +36,9 @@ pub enum CacheError {
     UnknownManifestType,
     #[error("internal: {0}")]
     Internal(String),
+    /// A limit of wharf's own is reached (`downloads` or `spool_bytes`); try again later.
+    #[error("the mirror is at its limit of {0} for upstream downloads; retry shortly")]
+    Busy(&'static str),
 }
 
 impl From<StoreError> for CacheError {
@@ -186,6 +189,8 @@ pub struct Cache {
     pass: Mutex<()>,
     /// Bytes of verified downloads being committed, counted against the cap meanwhile.
     reserved: std::sync::atomic::AtomicU64,
+    /// Download slots and the spool-byte budget.
+    limits: Arc<fill::Limits>,
 }
 
 /// One manifest write counted in `wharf_inflight_manifest_writes` (which shutdown waits
@@ -216,9 +221,15 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Cache {
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, config: &CacheConfig) -> Cache {
+    pub fn new(
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        config: &CacheConfig,
+        server: &crate::config::ServerConfig,
+    ) -> Cache {
         metrics.cache_limit.set(config.max_size.0 as i64);
         Cache {
+            limits: Arc::new(fill::Limits::new(server, metrics.spool_bytes.clone())),
             store,
             metrics,
             fills: Mutex::new(HashMap::new()),
@@ -425,13 +436,19 @@ impl Cache {
         ranged: bool,
     ) -> Result<BlobAnswer, CacheError> {
         let key = RepoKey::new(&up.name, name);
+        let mut slot = None;
         loop {
             if let Some(body) = self.cached_blob(&key, d)? {
                 return Ok(BlobAnswer { body, result: BlobResult::Hit });
             }
-            let Some((fill, joined)) = self.join_or_start_fill(up, name, &key, d)? else {
+            let (fill, joined) = match self.join_or_start_fill(up, name, &key, d, &mut slot)? {
+                fill::Joined::Fill(f, joined) => (f, joined),
                 // Stored between our look and the lock: serve it from the store.
-                continue;
+                fill::Joined::Stored => continue,
+                fill::Joined::NeedsSlot => {
+                    slot = Some(self.download_slot().await?);
+                    continue;
+                }
             };
             let result = if joined {
                 self.metrics.coalesced.inc();
@@ -446,6 +463,18 @@ impl Cache {
             }
             let size = fill.ready().await?;
             return Ok(BlobAnswer { body: BlobBody::Filling { fill, size }, result });
+        }
+    }
+
+    /// Waits up to `server.download_wait` for one of `server.max_inflight_downloads`.
+    async fn download_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, CacheError> {
+        let slots = self.limits.downloads.clone();
+        match tokio::time::timeout(self.limits.wait, slots.acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => {
+                self.metrics.downloads_refused.with_label_values(&["downloads"]).inc();
+                Err(CacheError::Busy("downloads"))
+            }
         }
     }
 

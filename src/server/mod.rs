@@ -3,21 +3,28 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
+use crate::config::ServerConfig;
 use crate::{api, zerocopy, AppState};
 
 pub mod tls;
 
 /// Longest a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the admin listener serves at once.
+const ADMIN_CONNECTIONS: usize = 64;
 
 /// Serves `listener` until `shutdown` resolves: HTTPS when the configuration names a
 /// certificate, plain HTTP otherwise.
@@ -29,7 +36,88 @@ pub async fn serve(
     serve_with_admin(listener, None, state, shutdown).await
 }
 
-/// [`serve`], plus `/metrics` on a separate plain-HTTP listener (`metrics.listen`).
+/// Raises the soft limit on open files to the hard limit, as Go's runtime and nginx-based
+/// servers do: the default soft limit (often 1024) is far below what a mirror with
+/// thousands of clients needs. Returns the soft limit in force afterwards.
+pub fn raise_open_file_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    let before = lim.current;
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!(error = %e, soft = ?before, "could not raise the open-file limit");
+            return before;
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    tracing::info!(before = ?before, now = ?now, "open-file limit");
+    now
+}
+
+/// `server.max_connections`, held to half the open-file limit: every connection takes a
+/// descriptor, and downloads, spool files and stored blobs being read need the rest.
+fn connection_cap(cfg: &ServerConfig) -> usize {
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    match nofile {
+        Some(n) if (n / 2) < cfg.max_connections as u64 => {
+            let cap = (n / 2).max(1) as usize;
+            tracing::warn!(
+                configured = cfg.max_connections,
+                cap,
+                nofile = n,
+                "server.max_connections held to half the open-file limit"
+            );
+            cap
+        }
+        _ => cfg.max_connections,
+    }
+}
+
+/// The connection builder with the configured limits: HTTP/1 header timeout and size,
+/// HTTP/2 stream, header-list and keep-alive limits.
+fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    let header_bytes = cfg.max_header_bytes.0 as usize;
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        // The read buffer holds a request head (wharf reads no request bodies): a head
+        // that does not fit is answered 431 and the connection closed.
+        .max_buf_size(header_bytes.max(8192));
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.http2_max_concurrent_streams)
+        .max_header_list_size(header_bytes as u32)
+        .keep_alive_interval(cfg.http2_keepalive_interval)
+        .keep_alive_timeout(cfg.http2_keepalive_timeout)
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(256));
+    b
+}
+
+/// Accepts the next connection once a slot is free. Failed accepts (out of descriptors,
+/// aborted handshakes) back off exponentially from 5 ms to 1 s instead of spinning.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> (tokio::net::TcpStream, std::net::SocketAddr, tokio::sync::OwnedSemaphorePermit) {
+    let permit = slots.clone().acquire_owned().await.expect("the connection semaphore is never closed");
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match listener.accept().await {
+            Ok((s, peer)) => return (s, peer, permit),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// [`serve`], plus `/metrics` and `/_wharf/*` on a separate plain-HTTP listener
+/// (`admin.listen`).
 pub async fn serve_with_admin(
     listener: TcpListener,
     admin: Option<TcpListener>,
@@ -47,37 +135,45 @@ pub async fn serve_with_admin(
     };
     let graceful = GracefulShutdown::new();
     let flusher = tokio::spawn(flush_access_periodically(state.clone()));
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let limits = state.config.server.clone();
+    let builder = builder(&limits);
+    let slots = Arc::new(Semaphore::new(connection_cap(&limits)));
+    state.metrics.connection_limit.set(connection_cap(&limits) as i64);
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            res = listener.accept() => match res {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let (stream, peer, permit) = tokio::select! {
+            c = accept(&listener, &slots) => c,
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let (state, builder, watcher) = (state.clone(), builder.clone(), graceful.watcher());
         let acceptor = tls.as_ref().map(|(a, _)| a.clone());
+        let limits = limits.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            let open = Open::new(&state.metrics.connections);
+            let conn = Conn { peer, cert_user: None, limits: &limits, _open: open };
             match acceptor {
                 None => {
                     let socket = zerocopy::Socket::new(stream);
                     let regions = Some(socket.regions());
-                    serve_connection(&builder, TokioIo::new(socket), state, watcher, peer, regions).await
+                    serve_connection(&builder, TokioIo::new(socket), state, watcher, conn, regions).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => {
-                            serve_connection(&builder, TokioIo::new(s), state, watcher, peer, None).await
+                            let cert_user = tls::client_user(s.get_ref().1);
+                            let conn = Conn { cert_user, ..conn };
+                            serve_connection(&builder, TokioIo::new(s), state, watcher, conn, None).await
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Ok(Err(e)) => {
+                            if e.to_string().contains("certificate") {
+                                state.metrics.auth_failures.with_label_values(&["bad_certificate"]).inc();
+                                tracing::info!(%peer, error = %e, "client certificate refused");
+                            } else {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            }
+                        }
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
@@ -114,26 +210,244 @@ pub async fn serve_with_admin(
     Ok(())
 }
 
-/// HTTP/1.1 or HTTP/2 (by ALPN, or the h2c preface) on one connection.
+/// One accepted connection: who is at the other end and what it may hold.
+struct Conn<'a> {
+    peer: std::net::SocketAddr,
+    /// The verified client certificate's user name (mutual TLS).
+    cert_user: Option<Arc<str>>,
+    limits: &'a ServerConfig,
+    _open: Open,
+}
+
+/// Counts a connection in `wharf_connections` until dropped.
+struct Open(prometheus::IntGauge);
+
+impl Open {
+    fn new(g: &prometheus::IntGauge) -> Open {
+        g.inc();
+        Open(g.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What a connection's watchdog reads: requests started, responses in flight, responses
+/// that handed the connection a chunk it has not taken yet, and bytes written.
+#[derive(Default)]
+struct Activity {
+    requests: AtomicU64,
+    in_flight: AtomicUsize,
+    awaiting_client: AtomicUsize,
+    written: AtomicU64,
+}
+
+/// Why a connection was closed by its watchdog.
+#[derive(Debug, Clone, Copy)]
+enum Closed {
+    Idle,
+    WriteTimeout,
+}
+
+/// Resolves when the connection has had no request and no response in flight for
+/// `idle`, or when a response has waited `write` for its client to take a byte.
+async fn watchdog(act: &Activity, idle: Duration, write: Duration) -> Closed {
+    let tick = (idle.min(write) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let (mut requests, mut written) =
+        (act.requests.load(Ordering::Relaxed), act.written.load(Ordering::Relaxed));
+    let (mut idle_since, mut write_since) = (tokio::time::Instant::now(), tokio::time::Instant::now());
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = tokio::time::Instant::now();
+        let (r, w) = (act.requests.load(Ordering::Relaxed), act.written.load(Ordering::Relaxed));
+        if r != requests || act.in_flight.load(Ordering::Relaxed) > 0 {
+            requests = r;
+            idle_since = now;
+        }
+        if w != written || act.awaiting_client.load(Ordering::Relaxed) == 0 {
+            written = w;
+            write_since = now;
+        }
+        if now - idle_since >= idle {
+            return Closed::Idle;
+        }
+        if now - write_since >= write {
+            return Closed::WriteTimeout;
+        }
+    }
+}
+
+/// The connection's I/O, counting bytes written for the watchdog.
+struct Watched<I> {
+    io: I,
+    act: Arc<Activity>,
+}
+
+impl<I: hyper::rt::Read + Unpin> hyper::rt::Read for Watched<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Watched<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.act.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.act.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A response body that tells the watchdog when it is in flight and when it waits for the
+/// client (it handed out a chunk and has not been asked for the next one).
+struct Tracked {
+    inner: api::Body,
+    flight: InFlight,
+    handed: bool,
+}
+
+impl Tracked {
+    fn new(inner: api::Body, flight: InFlight) -> Tracked {
+        Tracked { inner, flight, handed: false }
+    }
+}
+
+/// One request in flight on a connection, until dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(act: Arc<Activity>) -> InFlight {
+        act.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(act)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        let act = &this.flight.0;
+        if this.handed {
+            this.handed = false;
+            act.awaiting_client.fetch_sub(1, Ordering::Relaxed);
+        }
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &r {
+            this.handed = true;
+            act.awaiting_client.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.handed {
+            self.flight.0.awaiting_client.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// HTTP/1.1 or HTTP/2 (by ALPN, or the h2c preface) on one connection, closed by its
+/// watchdog when idle or when its client stops reading.
 async fn serve_connection<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     state: AppState,
     watcher: hyper_util::server::graceful::Watcher,
-    peer: std::net::SocketAddr,
+    conn: Conn<'_>,
     zerocopy: Option<Arc<zerocopy::Regions>>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let act = Arc::new(Activity::default());
+    let io = Watched { io, act: act.clone() };
+    let (peer, cert_user) = (conn.peer, conn.cert_user.clone());
+    let a = act.clone();
+    let metrics = state.metrics.clone();
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         if let Some(z) = &zerocopy {
             req.extensions_mut().insert(z.clone());
         }
+        if let Some(u) = &cert_user {
+            req.extensions_mut().insert(api::ClientCert(u.clone()));
+        }
+        a.requests.fetch_add(1, Ordering::Relaxed);
+        // Counted out when the body is dropped, whether sent, failed or cancelled (or
+        // when the request is dropped before it has a response).
+        let flight = InFlight::new(a.clone());
         let st = state.clone();
-        async move { Ok::<_, Infallible>(api::handle(st, req, peer.ip()).await) }
+        async move {
+            let resp = api::handle(st, req, peer.ip()).await;
+            Ok::<_, Infallible>(resp.map(|b| http_body_util::BodyExt::boxed_unsync(Tracked::new(b, flight))))
+        }
     });
-    if let Err(e) = watcher.watch(builder.serve_connection(io, svc)).await {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    let served = watcher.watch(builder.serve_connection(io, svc));
+    let limits = conn.limits;
+    tokio::select! {
+        res = served => if let Err(e) = res {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        },
+        why = watchdog(&act, limits.idle_timeout, limits.write_timeout) => {
+            tracing::debug!(%peer, reason = ?why, "connection closed");
+            let label = match why { Closed::Idle => "idle", Closed::WriteTimeout => "write_timeout" };
+            metrics.connections_closed.with_label_values(&[label]).inc();
+        }
     }
 }
 
@@ -188,21 +502,25 @@ async fn flush_access_periodically(state: AppState) {
     }
 }
 
-/// Accept loop of the admin listener (plain HTTP, metrics and health only).
+/// Accept loop of the admin listener (plain HTTP: metrics, health, stats, history, gc),
+/// with the data port's limits and a small connection cap of its own.
 async fn serve_admin(listener: TcpListener, state: AppState) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let limits = state.config.server.clone();
+    let builder = builder(&limits);
+    let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let (state, builder) = (state.clone(), builder.clone());
+        let (stream, peer, permit) = accept(&listener, &slots).await;
+        let (state, builder, limits) = (state.clone(), builder.clone(), limits.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req| {
                 let st = state.clone();
                 async move { Ok::<_, Infallible>(api::handle_admin(st, req, peer.ip()).await) }
             });
-            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            // An admin client gets the data port's idle bound, without a watchdog: the
+            // answers are small.
+            let _ = tokio::time::timeout(limits.idle_timeout.max(Duration::from_secs(300)), conn).await;
         });
     }
 }

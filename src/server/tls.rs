@@ -30,6 +30,8 @@ pub struct Certificates {
     key_file: PathBuf,
     provider: Arc<CryptoProvider>,
     current: RwLock<Arc<CertifiedKey>>,
+    /// Client certificates are verified against these when set (mutual TLS).
+    client_ca_file: Option<PathBuf>,
     /// Modification times of the files last loaded, to notice changes.
     loaded: Mutex<(Option<SystemTime>, Option<SystemTime>)>,
 }
@@ -54,6 +56,7 @@ impl Certificates {
             key_file: cfg.key_file.clone(),
             provider,
             current: RwLock::new(Arc::new(key)),
+            client_ca_file: cfg.client_ca_file.clone(),
             loaded: Mutex::new(stamps),
         }))
     }
@@ -73,11 +76,33 @@ impl Certificates {
     }
 
     /// The acceptor for this certificate: h2 and http/1.1 by ALPN.
+    /// With `client_ca_file`, a client certificate is asked for and, when presented,
+    /// must chain to one of those CAs; a client without one connects as anonymous.
     pub fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, TlsError> {
-        let mut cfg = rustls::ServerConfig::builder_with_provider(self.provider.clone())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(self.clone());
+        let builder = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let builder = match &self.client_ca_file {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let err = |msg: String| TlsError::Load { path: path.clone(), msg };
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))? {
+                    roots.add(c.map_err(|e| err(e.to_string()))?).map_err(|e| err(e.to_string()))?;
+                }
+                if roots.is_empty() {
+                    return Err(err("no CA certificate in the file".into()));
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    self.provider.clone(),
+                )
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| err(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut cfg = builder.with_cert_resolver(self.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(cfg)))
     }
@@ -121,4 +146,14 @@ fn read(cert_file: &Path, key_file: &Path, provider: &CryptoProvider) -> Result<
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| err(key_file, e.to_string()))?;
     CertifiedKey::from_der(chain, key, provider)
         .map_err(|e| err(key_file, format!("does not fit the certificate: {e}")))
+}
+
+/// The user a verified client certificate names: its subject's common name, else the
+/// whole subject. `None` without a client certificate.
+pub fn client_user(conn: &rustls::ServerConnection) -> Option<Arc<str>> {
+    let leaf = conn.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let subject = cert.subject();
+    let cn = subject.iter_common_name().next().and_then(|a| a.as_str().ok()).map(str::to_owned);
+    Some(Arc::from(cn.unwrap_or_else(|| subject.to_string())))
 }

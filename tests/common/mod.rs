@@ -308,14 +308,18 @@ impl Wharf {
         });
         self.addr = addr;
         let scheme = self.scheme;
-        wait_for(20, "wharf /v2/", || http_ok(&format!("{scheme}://{addr}/v2/")).then_some(()));
+        // Health, not /v2/: with access control /v2/ answers 401 to an anonymous probe.
+        wait_for(20, "wharf to answer", || {
+            http_ok(&format!("{scheme}://{addr}/_wharf/health")).then_some(())
+        });
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}://{}{path}", self.scheme, self.addr)
     }
 
-    /// The `metrics.listen` address, when configured.
+    /// The admin listener's address (`admin.listen`, or its old name `metrics.listen`),
+    /// when configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         let v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(self.data.join("wharf/server.json")).ok()?).ok()?;
@@ -400,14 +404,12 @@ impl Wharf {
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         // Certificates are the TLS tests' business; metrics are read whatever they are.
         let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build().expect("client");
-        let text = client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
+        // With an admin listener, metrics are served there only.
+        let url = match self.metrics_addr() {
+            Some(a) => format!("http://{a}/metrics"),
+            None => self.url("/metrics"),
+        };
+        let text = client.get(url).send().await.expect("metrics").text().await.expect("metrics text");
         metric_sum(&text, name, labels)
     }
 }

@@ -1,0 +1,455 @@
+//! Downstream access control: who a request is (HTTP Basic against an htpasswd file of
+//! bcrypt entries, or a verified client certificate), and what that identity may pull
+//! (per-repository rules). Upstream credentials live in [`crate::upstream`] and never
+//! meet these.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use http::{header, HeaderMap};
+use sha2::{Digest as _, Sha256};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Verified credentials remembered, so a hit costs a hash lookup instead of a bcrypt.
+const VERIFIED_MAX: usize = 10_000;
+/// Client addresses whose failures are remembered for the slowdown.
+const FAILURES_MAX: usize = 10_000;
+/// A client's failures are forgotten after this long without one.
+const FAILURES_FORGET: Duration = Duration::from_secs(600);
+/// How often the htpasswd file is checked for changes (on use, at most this often).
+const RELOAD_CHECK: Duration = Duration::from_secs(1);
+/// The first failure's delay; each further one doubles it up to `auth.max_failure_delay`.
+const FIRST_DELAY: Duration = Duration::from_millis(100);
+
+/// Who made a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identity {
+    Anonymous,
+    User(Arc<str>),
+}
+
+impl Identity {
+    pub fn name(&self) -> &str {
+        match self {
+            Identity::Anonymous => "anonymous",
+            Identity::User(u) => u,
+        }
+    }
+}
+
+/// Why a request's credentials were not accepted (never holds the secret).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("malformed Authorization header (HTTP Basic is accepted)")]
+    Malformed,
+    #[error("unknown user or wrong password")]
+    UnknownUser,
+    #[error("unknown user or wrong password")]
+    BadPassword,
+}
+
+impl AuthError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Malformed => "malformed",
+            AuthError::UnknownUser => "unknown_user",
+            AuthError::BadPassword => "bad_password",
+        }
+    }
+}
+
+/// What a rule check decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Allowed,
+    /// Anonymous and not allowed: the client should authenticate (401).
+    NeedsCredentials,
+    /// Authenticated and not allowed (403).
+    Forbidden,
+}
+
+struct Rule {
+    repositories: GlobSet,
+    users: HashSet<String>,
+    any_user: bool,
+    anonymous: bool,
+}
+
+/// The htpasswd file as last loaded.
+struct Htpasswd {
+    users: HashMap<String, String>,
+    /// Compared against when the user is unknown, at the file's own cost, so an unknown
+    /// user takes as long as a wrong password (no user enumeration by timing).
+    dummy: String,
+    stamp: Option<(SystemTime, u64)>,
+    checked: Instant,
+}
+
+pub struct Auth {
+    htpasswd_file: Option<PathBuf>,
+    pub realm: String,
+    anonymous: bool,
+    /// Whether `/v2/` answers anonymous clients (some rule lets them pull something).
+    anonymous_probe: bool,
+    pub protect_admin: bool,
+    rules: Vec<Rule>,
+    max_delay: Duration,
+    htpasswd: Mutex<Arc<Htpasswd>>,
+    /// sha256(user, password) of credentials bcrypt accepted, with the user; emptied
+    /// when the file changes.
+    verified: Mutex<HashMap<[u8; 32], Arc<str>>>,
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").field("htpasswd_file", &self.htpasswd_file).finish_non_exhaustive()
+    }
+}
+
+impl Auth {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Auth, String> {
+        let a = &config.auth;
+        let mut rules = Vec::new();
+        for r in &a.rules {
+            let mut set = GlobSetBuilder::new();
+            for g in &r.repositories {
+                set.add(Glob::new(g).map_err(|e| format!("auth.rules: {g:?}: {e}"))?);
+            }
+            let mut users: HashSet<String> = r.users.iter().filter(|u| *u != "*").cloned().collect();
+            for g in &r.groups {
+                users.extend(a.groups.get(g).into_iter().flatten().cloned());
+            }
+            rules.push(Rule {
+                repositories: set.build().map_err(|e| format!("auth.rules: {e}"))?,
+                users,
+                any_user: r.users.iter().any(|u| u == "*"),
+                anonymous: r.anonymous,
+            });
+        }
+        let anonymous = config.anonymous_allowed();
+        let htpasswd = match &a.htpasswd_file {
+            Some(p) => load(p)?,
+            None => {
+                Htpasswd { users: HashMap::new(), dummy: String::new(), stamp: None, checked: Instant::now() }
+            }
+        };
+        Ok(Auth {
+            htpasswd_file: a.htpasswd_file.clone(),
+            realm: a.realm.clone(),
+            anonymous_probe: anonymous || rules.iter().any(|r| r.anonymous),
+            anonymous,
+            protect_admin: a.protect_admin,
+            rules,
+            max_delay: a.max_failure_delay,
+            htpasswd: Mutex::new(Arc::new(htpasswd)),
+            verified: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// Who sent `headers`: the Basic credentials when htpasswd is configured and they
+    /// are given, else the client certificate's user, else anonymous. Credentials sent
+    /// to a mirror without htpasswd are ignored (clients send what `docker login` saved).
+    pub async fn identify(
+        &self,
+        headers: &HeaderMap,
+        cert_user: Option<&Arc<str>>,
+    ) -> Result<Identity, AuthError> {
+        let given = headers.get(header::AUTHORIZATION);
+        let (Some(value), Some(_)) = (given, &self.htpasswd_file) else {
+            return Ok(cert_user.map_or(Identity::Anonymous, |u| Identity::User(u.clone())));
+        };
+        let (user, password) = parse_basic(value.as_bytes()).ok_or(AuthError::Malformed)?;
+        let key: [u8; 32] = {
+            let mut h = Sha256::new();
+            h.update(user.as_bytes());
+            h.update([0]);
+            h.update(password.as_bytes());
+            h.finalize().into()
+        };
+        let file = self.current();
+        if let Some(u) = lock(&self.verified).get(&key) {
+            return Ok(Identity::User(u.clone()));
+        }
+        let (hash, known) = match file.users.get(&user) {
+            Some(h) => (h.clone(), true),
+            None => (file.dummy.clone(), false),
+        };
+        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+            .await
+            .unwrap_or(false);
+        match (known, ok) {
+            (true, true) => {
+                let user: Arc<str> = Arc::from(user);
+                let mut v = lock(&self.verified);
+                // Only verified credentials of the file in force are remembered.
+                if Arc::ptr_eq(&file, &lock(&self.htpasswd)) {
+                    if v.len() >= VERIFIED_MAX {
+                        v.clear();
+                    }
+                    v.insert(key, user.clone());
+                }
+                Ok(Identity::User(user))
+            }
+            (false, _) => Err(AuthError::UnknownUser),
+            (true, false) => Err(AuthError::BadPassword),
+        }
+    }
+
+    /// Whether `id` may pull `<upstream>/<repository>`: the first rule that matches
+    /// decides; without one, users may and anonymous clients may when `anonymous`.
+    pub fn may_pull(&self, id: &Identity, upstream: &str, repository: &str) -> Access {
+        let path = format!("{upstream}/{repository}");
+        let rule = self.rules.iter().find(|r| r.repositories.is_match(&path));
+        let allowed = match (rule, id) {
+            (None, Identity::Anonymous) => self.anonymous,
+            (None, Identity::User(_)) => true,
+            (Some(r), Identity::Anonymous) => r.anonymous,
+            (Some(r), Identity::User(u)) => r.any_user || r.anonymous || r.users.contains(&**u),
+        };
+        match (allowed, id) {
+            (true, _) => Access::Allowed,
+            (false, Identity::Anonymous) => Access::NeedsCredentials,
+            (false, Identity::User(_)) => Access::Forbidden,
+        }
+    }
+
+    /// Whether `/v2/` answers `id` (clients probe it before anything else).
+    pub fn may_probe(&self, id: &Identity) -> bool {
+        matches!(id, Identity::User(_)) || self.anonymous_probe
+    }
+
+    /// Whether `id` may read `/metrics` and `/_wharf/*`.
+    pub fn may_admin(&self, id: &Identity) -> bool {
+        !self.protect_admin || matches!(id, Identity::User(_))
+    }
+
+    /// Counts a refusal; failed credentials (not a rule's refusal) also slow the client
+    /// address down: each failure doubles its wait, up to `auth.max_failure_delay`.
+    pub async fn failed(&self, client: IpAddr, reason: &'static str, credentials: bool) {
+        self.metrics.auth_failures.with_label_values(&[reason]).inc();
+        tracing::info!(%client, reason, "authentication failed");
+        if !credentials {
+            return;
+        }
+        let delay = {
+            let mut f = lock(&self.failures);
+            if f.len() >= FAILURES_MAX {
+                f.retain(|_, (_, at)| at.elapsed() < FAILURES_FORGET);
+                if f.len() >= FAILURES_MAX {
+                    f.clear();
+                }
+            }
+            let e = f.entry(client).or_insert((0, Instant::now()));
+            if e.1.elapsed() >= FAILURES_FORGET {
+                e.0 = 0;
+            }
+            e.0 = e.0.saturating_add(1);
+            e.1 = Instant::now();
+            FIRST_DELAY.saturating_mul(1 << (e.0 - 1).min(16)).min(self.max_delay)
+        };
+        tokio::time::sleep(delay).await;
+    }
+
+    /// Counts a refusal that is not a failed authentication (a rule said no).
+    pub fn refused(&self, reason: &'static str) {
+        self.metrics.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    /// A client that authenticated is no longer slowed down.
+    pub fn succeeded(&self, client: IpAddr) {
+        let mut f = lock(&self.failures);
+        if !f.is_empty() {
+            f.remove(&client);
+        }
+    }
+
+    /// The htpasswd file in force, reloaded when it changed (checked at most once a
+    /// second). A file that no longer loads leaves the previous one in force.
+    fn current(&self) -> Arc<Htpasswd> {
+        let cur = lock(&self.htpasswd).clone();
+        let Some(path) = &self.htpasswd_file else { return cur };
+        if cur.checked.elapsed() < RELOAD_CHECK {
+            return cur;
+        }
+        let now = stamp(path);
+        if now == cur.stamp {
+            let mut g = lock(&self.htpasswd);
+            *g = Arc::new(Htpasswd { stamp: cur.stamp, checked: Instant::now(), ..clone_of(&cur) });
+            return g.clone();
+        }
+        match load(path) {
+            Ok(h) => {
+                tracing::info!(file = %path.display(), users = h.users.len(), "htpasswd reloaded");
+                let h = Arc::new(h);
+                *lock(&self.htpasswd) = h.clone();
+                lock(&self.verified).clear();
+                h
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "htpasswd not reloaded; keeping the previous one");
+                let mut g = lock(&self.htpasswd);
+                *g = Arc::new(Htpasswd { stamp: now, checked: Instant::now(), ..clone_of(&cur) });
+                g.clone()
+            }
+        }
+    }
+}
+
+fn clone_of(h: &Htpasswd) -> Htpasswd {
+    Htpasswd { users: h.users.clone(), dummy: h.dummy.clone(), stamp: h.stamp, checked: h.checked }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Reads an htpasswd file: `user:hash` lines, bcrypt hashes only (`$2a$`, `$2b$`, `$2y$`).
+/// Other hash kinds (MD5 `$apr1$`, SHA1, crypt) are refused with the line number.
+fn load(path: &std::path::Path) -> Result<Htpasswd, String> {
+    let st = stamp(path);
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("auth.htpasswd_file {}: {e}", path.display()))?;
+    let users = parse_htpasswd(&text).map_err(|e| format!("auth.htpasswd_file {}: {e}", path.display()))?;
+    let cost = users.values().next().and_then(|h| h.get(4..6)).and_then(|c| c.parse().ok()).unwrap_or(10);
+    let dummy = bcrypt::hash("not a password", cost).map_err(|e| e.to_string())?;
+    Ok(Htpasswd { users, dummy, stamp: st, checked: Instant::now() })
+}
+
+pub fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, String> {
+    let mut users = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((user, hash)) = line.split_once(':') else {
+            return Err(format!("line {}: not user:hash", i + 1));
+        };
+        if !["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
+            return Err(format!("line {} ({user}): only bcrypt hashes are accepted (htpasswd -B)", i + 1));
+        }
+        users.insert(user.to_owned(), hash.to_owned());
+    }
+    Ok(users)
+}
+
+/// `Basic base64(user:password)`, the scheme case-insensitive.
+pub fn parse_basic(value: &[u8]) -> Option<(String, String)> {
+    let value = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    if user.is_empty() {
+        return None;
+    }
+    Some((user.to_owned(), password.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AuthRule;
+
+    fn auth_with(rules: Vec<AuthRule>, anonymous: Option<bool>) -> Auth {
+        let mut c = Config::default();
+        c.auth.rules = rules;
+        c.auth.anonymous = anonymous;
+        c.auth.groups.insert("ops".into(), vec!["carol".into()]);
+        Auth::new(&c, Arc::new(Metrics::new())).expect("auth")
+    }
+
+    fn rule(glob: &str, users: &[&str], groups: &[&str], anonymous: bool) -> AuthRule {
+        AuthRule {
+            repositories: vec![glob.into()],
+            users: users.iter().map(|s| s.to_string()).collect(),
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+            anonymous,
+        }
+    }
+
+    #[test]
+    fn the_first_matching_rule_decides() {
+        let a = auth_with(
+            vec![
+                rule("ghcr.io/org/**", &["alice"], &["ops"], false),
+                rule("docker.io/library/*", &[], &[], true),
+            ],
+            Some(false),
+        );
+        let alice = Identity::User("alice".into());
+        let (bob, carol) = (Identity::User("bob".into()), Identity::User("carol".into()));
+        assert_eq!(a.may_pull(&alice, "ghcr.io", "org/app"), Access::Allowed);
+        assert_eq!(a.may_pull(&carol, "ghcr.io", "org/team/app"), Access::Allowed, "by group");
+        assert_eq!(a.may_pull(&bob, "ghcr.io", "org/app"), Access::Forbidden);
+        assert_eq!(a.may_pull(&Identity::Anonymous, "ghcr.io", "org/app"), Access::NeedsCredentials);
+        assert_eq!(a.may_pull(&Identity::Anonymous, "docker.io", "library/alpine"), Access::Allowed);
+        assert_eq!(a.may_pull(&Identity::Anonymous, "docker.io", "other/x"), Access::NeedsCredentials);
+        assert_eq!(a.may_pull(&bob, "docker.io", "other/x"), Access::Allowed, "no rule: users may");
+        assert!(a.may_probe(&Identity::Anonymous), "a rule lets anonymous clients pull something");
+        let closed = auth_with(vec![], Some(false));
+        assert!(!closed.may_probe(&Identity::Anonymous));
+        assert!(closed.may_probe(&bob));
+    }
+
+    #[test]
+    fn basic_credentials_parse_and_junk_does_not() {
+        assert_eq!(parse_basic(b"Basic YWxpY2U6czNjcjN0"), Some(("alice".into(), "s3cr3t".into())));
+        assert_eq!(parse_basic(b"basic YWxpY2U6OmE="), Some(("alice".into(), ":a".into())));
+        for junk in [&b"Bearer abc"[..], b"Basic", b"Basic !!!", b"Basic OnBhc3M=", b"\xff\xfe", b""] {
+            assert_eq!(parse_basic(junk), None, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn only_bcrypt_entries_are_accepted() {
+        assert!(parse_htpasswd(
+            "alice:$2y$05$abcdefghijklmnopqrstuuABCDEFGHIJKLMNOPQRSTUVWXYZ01234\n# c\n\n"
+        )
+        .is_ok());
+        assert!(parse_htpasswd("bob:$apr1$xyz$abc").is_err());
+        assert!(parse_htpasswd("carol:{SHA}abc").is_err());
+        assert!(parse_htpasswd("no colon").is_err());
+    }
+
+    #[tokio::test]
+    async fn verified_credentials_are_remembered_until_the_file_changes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("htpasswd");
+        let hash = bcrypt::hash("s3cr3t", 4).expect("hash");
+        std::fs::write(&path, format!("alice:{hash}\n")).expect("write");
+        let mut c = Config::default();
+        c.auth.htpasswd_file = Some(path.clone());
+        let a = Auth::new(&c, Arc::new(Metrics::new())).expect("auth");
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, http::HeaderValue::from_static("Basic YWxpY2U6czNjcjN0"));
+        assert_eq!(a.identify(&h, None).await, Ok(Identity::User("alice".into())));
+        assert_eq!(lock(&a.verified).len(), 1);
+        h.insert(header::AUTHORIZATION, http::HeaderValue::from_static("Basic YWxpY2U6d3Jvbmc="));
+        assert_eq!(a.identify(&h, None).await, Err(AuthError::BadPassword));
+        h.insert(header::AUTHORIZATION, http::HeaderValue::from_static("Basic Ym9iOnM="));
+        assert_eq!(a.identify(&h, None).await, Err(AuthError::UnknownUser));
+        assert_eq!(a.identify(&HeaderMap::new(), None).await, Ok(Identity::Anonymous));
+        assert!(!Config::default().anonymous_allowed() || c.auth.htpasswd_file.is_some());
+        assert!(!c.anonymous_allowed(), "htpasswd turns anonymous pulls off by default");
+    }
+}
