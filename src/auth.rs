@@ -1,7 +1,16 @@
 //! Downstream access control: who a request is (HTTP Basic against an htpasswd file of
-//! bcrypt entries, or a verified client certificate), and what that identity may pull
-//! (per-repository rules). Upstream credentials live in [`crate::upstream`] and never
-//! meet these.
+//! bcrypt entries, a bearer token this module issued, or a verified client certificate),
+//! and what that identity may pull (per-repository rules). Upstream credentials live in
+//! [`crate::upstream`] and never meet these.
+//!
+//! Why a token endpoint: registry clients send credentials only after a challenge, and
+//! a Basic challenge on `/v2/` shuts out every client without credentials (the docker
+//! daemon never has any for a mirror), so anonymous rules could not be used. A Bearer
+//! challenge lets each client fetch a token from `/_wharf/token`, with its credentials
+//! when it has them and anonymously when it does not, as with Docker Hub or Harbor. The
+//! token only names the identity (HMAC-signed, short-lived); what it may pull is decided
+//! per request by the rules. Basic credentials are accepted directly on every request
+//! too (containerd's static `hosts.toml` header, curl).
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -25,6 +34,8 @@ const FAILURES_MAX: usize = 10_000;
 const FAILURES_FORGET: Duration = Duration::from_secs(600);
 /// How often the htpasswd file is checked for changes (on use, at most this often).
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
+/// How long an issued token is good for.
+pub const TOKEN_TTL: Duration = Duration::from_secs(300);
 /// The first failure's delay; each further one doubles it up to `auth.max_failure_delay`.
 const FIRST_DELAY: Duration = Duration::from_millis(100);
 
@@ -53,6 +64,8 @@ pub enum AuthError {
     UnknownUser,
     #[error("unknown user or wrong password")]
     BadPassword,
+    #[error("invalid or expired token")]
+    BadToken,
 }
 
 impl AuthError {
@@ -61,6 +74,7 @@ impl AuthError {
             AuthError::Malformed => "malformed",
             AuthError::UnknownUser => "unknown_user",
             AuthError::BadPassword => "bad_password",
+            AuthError::BadToken => "bad_token",
         }
     }
 }
@@ -107,6 +121,11 @@ pub struct Auth {
     verified: Mutex<HashMap<[u8; 32], Arc<str>>>,
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
     metrics: Arc<Metrics>,
+    /// Signs tokens; random per process, so a restart invalidates them (clients fetch a
+    /// new one on the 401).
+    token_key: [u8; 32],
+    /// Whether requests are challenged at all (some identity is not let in).
+    pub enforced: bool,
 }
 
 impl std::fmt::Debug for Auth {
@@ -142,7 +161,16 @@ impl Auth {
                 Htpasswd { users: HashMap::new(), dummy: String::new(), stamp: None, checked: Instant::now() }
             }
         };
+        let mut token_key = [0u8; 32];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").map_err(|e| e.to_string())?,
+            &mut token_key,
+        )
+        .map_err(|e| format!("reading a token key from /dev/urandom: {e}"))?;
+        let enforced = !anonymous || rules.iter().any(|r| !r.anonymous);
         Ok(Auth {
+            token_key,
+            enforced,
             htpasswd_file: a.htpasswd_file.clone(),
             realm: a.realm.clone(),
             anonymous_probe: anonymous || rules.iter().any(|r| r.anonymous),
@@ -157,19 +185,29 @@ impl Auth {
         })
     }
 
-    /// Who sent `headers`: the Basic credentials when htpasswd is configured and they
-    /// are given, else the client certificate's user, else anonymous. Credentials sent
-    /// to a mirror without htpasswd are ignored (clients send what `docker login` saved).
+    /// Who sent `headers`: a bearer token's identity, or the Basic credentials when
+    /// htpasswd is configured, else the client certificate's user, else anonymous.
+    /// Basic credentials sent to a mirror without htpasswd are ignored (clients send what
+    /// `docker login` saved). An anonymous token on a connection with a client
+    /// certificate is the certificate's user.
     pub async fn identify(
         &self,
         headers: &HeaderMap,
         cert_user: Option<&Arc<str>>,
     ) -> Result<Identity, AuthError> {
-        let given = headers.get(header::AUTHORIZATION);
-        let (Some(value), Some(_)) = (given, &self.htpasswd_file) else {
-            return Ok(cert_user.map_or(Identity::Anonymous, |u| Identity::User(u.clone())));
-        };
-        let (user, password) = parse_basic(value.as_bytes()).ok_or(AuthError::Malformed)?;
+        let by_cert = || cert_user.map_or(Identity::Anonymous, |u| Identity::User(u.clone()));
+        let Some(value) = headers.get(header::AUTHORIZATION) else { return Ok(by_cert()) };
+        let value = value.as_bytes();
+        if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
+            return match self.verify_token(&value[7..])? {
+                Identity::Anonymous => Ok(by_cert()),
+                user => Ok(user),
+            };
+        }
+        if self.htpasswd_file.is_none() {
+            return Ok(by_cert());
+        }
+        let (user, password) = parse_basic(value).ok_or(AuthError::Malformed)?;
         let key: [u8; 32] = {
             let mut h = Sha256::new();
             h.update(user.as_bytes());
@@ -204,6 +242,48 @@ impl Auth {
             (false, _) => Err(AuthError::UnknownUser),
             (true, false) => Err(AuthError::BadPassword),
         }
+    }
+
+    /// A token naming `id`, good for [`TOKEN_TTL`]:
+    /// `base64url(user-or-empty \n expiry-unix-seconds) . base64url(hmac-sha256)`.
+    pub fn issue_token(&self, id: &Identity) -> String {
+        let exp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default() + TOKEN_TTL;
+        let user = match id {
+            Identity::Anonymous => "",
+            Identity::User(u) => u,
+        };
+        let payload = format!("{user}\n{}", exp.as_secs());
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!("{}.{}", b64.encode(&payload), b64.encode(self.sign(payload.as_bytes())))
+    }
+
+    fn sign(&self, payload: &[u8]) -> [u8; 32] {
+        use hmac::Mac as _;
+        let mut mac =
+            hmac::Hmac::<Sha256>::new_from_slice(&self.token_key).expect("HMAC takes any key length");
+        mac.update(payload);
+        mac.finalize().into_bytes().into()
+    }
+
+    fn verify_token(&self, token: &[u8]) -> Result<Identity, AuthError> {
+        use hmac::Mac as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let token = std::str::from_utf8(token).map_err(|_| AuthError::BadToken)?.trim();
+        let (payload, sig) = token.split_once('.').ok_or(AuthError::BadToken)?;
+        let payload = b64.decode(payload).map_err(|_| AuthError::BadToken)?;
+        let sig = b64.decode(sig).map_err(|_| AuthError::BadToken)?;
+        let mut mac =
+            hmac::Hmac::<Sha256>::new_from_slice(&self.token_key).expect("HMAC takes any key length");
+        mac.update(&payload);
+        mac.verify_slice(&sig).map_err(|_| AuthError::BadToken)?;
+        let text = String::from_utf8(payload).map_err(|_| AuthError::BadToken)?;
+        let (user, exp) = text.rsplit_once('\n').ok_or(AuthError::BadToken)?;
+        let exp: u64 = exp.parse().map_err(|_| AuthError::BadToken)?;
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+        if now >= exp {
+            return Err(AuthError::BadToken);
+        }
+        Ok(if user.is_empty() { Identity::Anonymous } else { Identity::User(Arc::from(user)) })
     }
 
     /// Whether `id` may pull `<upstream>/<repository>`: the first rule that matches
@@ -429,6 +509,27 @@ mod tests {
         assert!(parse_htpasswd("bob:$apr1$xyz$abc").is_err());
         assert!(parse_htpasswd("carol:{SHA}abc").is_err());
         assert!(parse_htpasswd("no colon").is_err());
+    }
+
+    #[test]
+    fn tokens_carry_their_identity_and_nothing_else_verifies() {
+        let a = auth_with(vec![], None);
+        let alice = Identity::User("alice".into());
+        let t = a.issue_token(&alice);
+        assert_eq!(a.verify_token(t.as_bytes()), Ok(alice));
+        assert_eq!(a.verify_token(a.issue_token(&Identity::Anonymous).as_bytes()), Ok(Identity::Anonymous));
+        let (payload, sig) = t.split_once('.').expect("two parts");
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let forged = format!("{}.{sig}", b64.encode("mallory\n99999999999"));
+        assert_eq!(a.verify_token(forged.as_bytes()), Err(AuthError::BadToken));
+        let other = auth_with(vec![], None);
+        assert_eq!(other.verify_token(t.as_bytes()), Err(AuthError::BadToken), "another key");
+        for junk in ["", ".", "abc", &format!("{payload}."), &format!("{payload}.{payload}")] {
+            assert_eq!(a.verify_token(junk.as_bytes()), Err(AuthError::BadToken), "{junk:?}");
+        }
+        let expired = "\n1";
+        let t = format!("{}.{}", b64.encode(expired), b64.encode(a.sign(expired.as_bytes())));
+        assert_eq!(a.verify_token(t.as_bytes()), Err(AuthError::BadToken), "expired");
     }
 
     #[tokio::test]

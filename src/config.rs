@@ -144,6 +144,11 @@ pub struct AuthConfig {
     /// `/metrics` and `/_wharf/*` (but `/_wharf/health`) need an authenticated user.
     #[serde(default)]
     pub protect_admin: bool,
+    /// The token endpoint's URL as clients reach it, for the `Bearer realm=…` challenge
+    /// (behind a proxy that changes the scheme or host); by default it is built from the
+    /// request's `Host` and wharf's own scheme.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_realm: Option<String>,
     /// Named sets of users, for rules.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub groups: std::collections::BTreeMap<String, Vec<String>>,
@@ -181,6 +186,7 @@ impl Default for AuthConfig {
             realm: default_realm(),
             anonymous: None,
             protect_admin: false,
+            token_realm: None,
             groups: Default::default(),
             rules: Vec::new(),
             max_failure_delay: default_failure_delay(),

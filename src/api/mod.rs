@@ -58,6 +58,7 @@ async fn answer(state: AppState, req: Request<Incoming>, client: IpAddr, port: P
     let label = route.as_ref().map(Route::label).unwrap_or("other");
     let span = tracing::info_span!("request", method = %method, route = label, uri = %req.uri(), user = tracing::field::Empty);
     let head = method == Method::HEAD;
+    let token_route = matches!(route, Ok(Route::Token));
     let resp = async {
         let route = route?;
         let admin_route = route.is_admin();
@@ -94,8 +95,7 @@ async fn answer(state: AppState, req: Request<Incoming>, client: IpAddr, port: P
         let challenge = matches!(e, ApiError::Unauthorized(_));
         let mut r = span.in_scope(|| e.into_response(&state.metrics, head));
         if challenge {
-            let realm = state.auth.realm.replace(['"', '\\'], "");
-            if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\"")) {
+            if let Ok(v) = HeaderValue::from_str(&challenge_for(&state, &req, token_route)) {
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
             }
         }
@@ -107,6 +107,33 @@ async fn answer(state: AppState, req: Request<Incoming>, client: IpAddr, port: P
     m.http_duration.with_label_values(&[label]).observe(start.elapsed().as_secs_f64());
     span.in_scope(|| tracing::debug!(status = resp.status().as_u16(), "answered"));
     resp
+}
+
+/// The `WWW-Authenticate` of a 401: Basic on the token endpoint (it takes credentials),
+/// elsewhere Bearer naming the token endpoint as clients reach it, so each client fetches
+/// a token with the credentials it has, or anonymously.
+fn challenge_for(state: &AppState, req: &Request<Incoming>, token_route: bool) -> String {
+    let clean =
+        |s: &str| s.chars().filter(|c| !matches!(c, '"' | '\\') && !c.is_control()).collect::<String>();
+    let realm = clean(&state.auth.realm);
+    if token_route {
+        return format!("Basic realm=\"{realm}\"");
+    }
+    let url = match &state.config.auth.token_realm {
+        Some(u) => clean(u),
+        None => {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                .filter(|h| h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]_".contains(c)))
+                .unwrap_or("localhost");
+            let scheme = if state.config.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{host}/_wharf/token")
+        }
+    };
+    format!("Bearer realm=\"{url}\",service=\"{realm}\"")
 }
 
 /// Who sent the request, and whether that identity may use `route` at all (per-repository
@@ -121,6 +148,7 @@ async fn identify(
     if matches!(route, Route::Health) {
         return Ok(Identity::Anonymous);
     }
+    let token_route = matches!(route, Route::Token);
     let cert = req.extensions().get::<ClientCert>().map(|c| &c.0);
     let id = match auth.identify(req.headers(), cert).await {
         Ok(id) => id,
@@ -133,7 +161,22 @@ async fn identify(
         auth.succeeded(client);
         tracing::Span::current().record("user", &**user);
     }
-    let allowed = if route.is_admin() { auth.may_admin(&id) } else { auth.may_probe(&id) };
+    let allowed = if token_route {
+        // Anyone gets a token for who they are; an anonymous one grants what anonymous has.
+        true
+    } else if route.is_admin() {
+        auth.may_admin(&id)
+    } else if matches!(route, Route::Base)
+        && id == Identity::Anonymous
+        && !req.headers().contains_key(header::AUTHORIZATION)
+    {
+        // Clients send credentials only after a challenge, and take it from this probe:
+        // while some repository needs them, a client that has not been through the token
+        // endpoint (with or without credentials) is challenged here.
+        !auth.enforced
+    } else {
+        auth.may_probe(&id)
+    };
     if !allowed {
         return Err(ApiError::Unauthorized("authentication required".into()));
     }
@@ -159,6 +202,18 @@ async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Respo
     match route {
         Route::Base => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{}"), head)),
         Route::Health => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"), head)),
+        Route::Token => {
+            let token = state.auth.issue_token(&req.identity);
+            let json = serde_json::json!({
+                "token": token,
+                "access_token": token,
+                "expires_in": crate::auth::TOKEN_TTL.as_secs(),
+                "issued_at": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            });
+            let mut r = json_response(StatusCode::OK, Bytes::from(json.to_string()), head);
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            Ok(r)
+        }
         Route::Metrics => {
             let (blobs, bytes) = state.store().totals();
             state.metrics.cache_blobs.set(blobs as i64);

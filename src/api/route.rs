@@ -27,6 +27,8 @@ pub enum Route {
     Gc,
     /// `/_wharf/health`
     Health,
+    /// `/_wharf/token`: a bearer token for the credentials (or certificate) presented.
+    Token,
 }
 
 impl Route {
@@ -49,6 +51,7 @@ impl Route {
             Route::Stats => "stats",
             Route::Gc => "gc",
             Route::Health => "health",
+            Route::Token => "token",
         }
     }
 }
@@ -68,6 +71,7 @@ pub fn parse(path: &str) -> Result<Route, ApiError> {
         "/_wharf/health" => return Ok(Route::Health),
         "/_wharf/stats" => return Ok(Route::Stats),
         "/_wharf/gc" => return Ok(Route::Gc),
+        "/_wharf/token" => return Ok(Route::Token),
         _ => {}
     }
     if let Some(rest) = path.strip_prefix("/_wharf/history/") {
