@@ -199,6 +199,78 @@ fn docker_bin() -> &'static str {
     }
 }
 
+/// A private docker daemon (its own root, socket and exec root) with `args`.
+struct Dockerd {
+    child: Child,
+    dir: PathBuf,
+    sock: String,
+}
+
+impl Dockerd {
+    fn start(dir: &Path, args: &[&str]) -> Dockerd {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let sock = format!("unix://{}/d.sock", dir.display());
+        let log = std::fs::File::create(dir.join("dockerd.log")).expect("log");
+        let child = Command::new("dockerd")
+            .arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .args([
+                "-H",
+                &sock,
+                "--storage-driver=vfs",
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("dockerd runs (apt-get install docker.io)");
+        let d = Dockerd { child, dir: dir.to_path_buf(), sock };
+        wait_for(60, "dockerd to serve", || d.docker(&["version"]).status.success().then_some(()));
+        d
+    }
+
+    fn docker(&self, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .arg("300")
+            .arg(docker_bin())
+            .args(["-H", &self.sock])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("docker runs")
+    }
+
+    /// `docker args`, which must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+        let _ = Command::new("umount").arg("-R").arg(self.dir.join("exec")).stderr(Stdio::null()).status();
+        if std::thread::panicking() {
+            eprintln!("{}", std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default());
+        }
+    }
+}
+
 #[test]
 fn docker_daemon_pulls_an_unqualified_name_through_its_registry_mirror() {
     let reg = Registry::start();
@@ -208,72 +280,178 @@ fn docker_daemon_pulls_an_unqualified_name_through_its_registry_mirror() {
         "[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ninsecure = true\n",
         reg.url()
     ));
-
-    let d = work.path().join("docker");
-    std::fs::create_dir_all(&d).expect("mkdir");
-    let sock = format!("unix://{}/d.sock", d.display());
-    let log = std::fs::File::create(d.join("dockerd.log")).expect("log");
-    let mut dockerd = Command::new("dockerd")
-        .arg("--data-root")
-        .arg(d.join("data"))
-        .arg("--exec-root")
-        .arg(d.join("exec"))
-        .arg("--pidfile")
-        .arg(d.join("dockerd.pid"))
-        .args(["-H", &sock, "--storage-driver=vfs", "--iptables=false", "--ip6tables=false", "--bridge=none"])
-        .args(["--registry-mirror", &format!("http://{}", w.host()), "--insecure-registry", &w.host()])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("dockerd runs (apt-get install docker.io)");
-    let docker = |args: &[&str]| {
-        Command::new("timeout")
-            .arg("300")
-            .arg(docker_bin())
-            .args(["-H", &sock])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-    };
-    let ready = std::panic::catch_unwind(|| {
-        wait_for(60, "dockerd to serve", || {
-            docker(&["version"]).ok().filter(|o| o.status.success()).map(|_| ())
-        })
-    });
-    let result = ready.and_then(|_| {
-        std::panic::catch_unwind(|| {
-            let out = run(Command::new("timeout").arg("300").arg(docker_bin()).args([
-                "-H",
-                &sock,
-                "pull",
-                "demo:latest",
-            ]));
-            let pulled = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(pulled.contains(&img.index), "docker reports the upstream's digest: {pulled}");
-            let out = run(Command::new(docker_bin()).args([
-                "-H",
-                &sock,
-                "image",
-                "inspect",
-                "demo:latest",
-                "--format",
-                "{{json .RepoDigests}}",
-            ]));
-            let digests = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(digests.contains(&format!("demo@{}", img.index)), "{digests}");
-        })
-    });
-    stop(&mut dockerd);
-    let _ = Command::new("umount").arg("-R").arg(d.join("exec")).status();
-    if let Err(e) = result {
-        eprintln!("{}", std::fs::read_to_string(d.join("dockerd.log")).unwrap_or_default());
-        std::panic::resume_unwind(e);
-    }
+    let mirror = format!("http://{}", w.host());
+    let d = Dockerd::start(
+        &work.path().join("docker"),
+        &["--registry-mirror", &mirror, "--insecure-registry", &w.host()],
+    );
+    let pulled = d.ok(&["pull", "demo:latest"]);
+    assert!(pulled.contains(&img.index), "docker reports the upstream's digest: {pulled}");
+    let digests = d.ok(&["image", "inspect", "demo:latest", "--format", "{{json .RepoDigests}}"]);
+    assert!(digests.contains(&format!("demo@{}", img.index)), "{digests}");
+    drop(d);
     let log = w.log();
     assert!(
         log.contains("uri=/v2/library/demo/manifests/latest"),
         "the daemon asked the mirror for library/demo"
     );
     assert!(w.log().contains("method=GET route=\"blob\""), "layers came through wharf");
+}
+
+/// An address on the loopback interface outside 127.0.0.0/8: the docker daemon treats
+/// every 127.x registry as insecure and then presents no client certificate.
+const SECURE_TEST_ADDR: &str = "10.213.7.1";
+
+/// A CA, and a certificate it signed: for `ip` (a server) or with `cn` as its subject
+/// (a client).
+fn issue(ca_name: &str, ip: Option<&str>, cn: &str) -> (String, String, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
+    let ca_key = KeyPair::generate().expect("key");
+    let ca_cert = ca.self_signed(&ca_key).expect("self-signed");
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).expect("params");
+    leaf.distinguished_name.push(DnType::CommonName, cn);
+    match ip {
+        Some(ip) => {
+            leaf.subject_alt_names.push(SanType::IpAddress(ip.parse().expect("ip")));
+            leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        }
+        None => leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth],
+    }
+    let key = KeyPair::generate().expect("key");
+    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).expect("signed");
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn docker_daemon_pulls_with_a_client_certificate_and_clients_without_one_are_refused() {
+    let _ = Command::new("ip").args(["addr", "add", &format!("{SECURE_TEST_ADDR}/32"), "dev", "lo"]).status();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let img = reg.seed(work.path(), "mtls", "library/signed:latest", LAYERS);
+    let pki = work.path().join("pki");
+    std::fs::create_dir_all(&pki).expect("mkdir");
+    let (server_ca, server_cert, server_key) = issue("wharf test server CA", Some(SECURE_TEST_ADDR), "wharf");
+    let (client_ca, client_cert, client_key) = issue("wharf test client CA", None, "docker-node-1");
+    for (name, body) in
+        [("server.crt", &server_cert), ("server.key", &server_key), ("clients-ca.pem", &client_ca)]
+    {
+        std::fs::write(pki.join(name), body).expect("write");
+    }
+    let w = Wharf::with_config_listen(
+        &format!(
+            r#"
+[tls]
+cert_file = "{0}/server.crt"
+key_file = "{0}/server.key"
+client_ca_file = "{0}/clients-ca.pem"
+[auth]
+anonymous = false
+[[auth.rules]]
+repositories = ["docker.io/library/*"]
+users = ["docker-node-1"]
+[[upstreams]]
+name = "docker.io"
+url = "{1}"
+insecure = true
+"#,
+            pki.display(),
+            reg.url()
+        ),
+        None,
+        &format!("{SECURE_TEST_ADDR}:0"),
+    );
+
+    // Without a certificate: refused.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let status = rt.block_on(async {
+        let c = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(server_ca.as_bytes()).expect("CA"))
+            .build()
+            .expect("client");
+        let probe = c.get(w.url("/v2/")).send().await.expect("probe").status().as_u16();
+        let manifest = c
+            .get(w.url("/v2/library/signed/manifests/latest"))
+            .send()
+            .await
+            .expect("manifest")
+            .status()
+            .as_u16();
+        (probe, manifest)
+    });
+    assert_eq!(status, (401, 401), "a client without a certificate is refused");
+
+    // The docker daemon presents /etc/docker/certs.d/<mirror>/client.cert.
+    let certs_d = Path::new("/etc/docker/certs.d").join(w.host());
+    std::fs::create_dir_all(&certs_d).expect("certs.d");
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(certs_d.clone());
+    for (name, body) in [("ca.crt", &server_ca), ("client.cert", &client_cert), ("client.key", &client_key)] {
+        std::fs::write(certs_d.join(name), body).expect("write certs.d");
+    }
+    let d = Dockerd::start(&work.path().join("docker"), &["--registry-mirror", &w.url("")]);
+    let pulled = d.ok(&["pull", "signed:latest"]);
+    assert!(pulled.contains(&img.index), "docker pulled the upstream's image through the mirror: {pulled}");
+    drop(d);
+    assert!(
+        w.log().contains("user=\"docker-node-1\"") || w.log().contains("user=docker-node-1"),
+        "wharf saw the certificate's user"
+    );
+    let served = rt.block_on(w.metric("wharf_http_requests_total", &[("route", "blob"), ("status", "200")]));
+    assert!(served >= LAYERS.len() as f64, "layers came through wharf: {served}");
+}
+
+#[test]
+fn containerd_pulls_with_an_authorization_header_from_hosts_toml() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let img = reg.seed(work.path(), "ctr-auth", "private/app:latest", LAYERS);
+    let pw = work.path().join("htpasswd");
+    std::fs::write(&pw, format!("node:{}\n", bcrypt::hash("node-pw", 5).expect("bcrypt"))).expect("htpasswd");
+    let w = Wharf::start(
+        &reg.url(),
+        &format!("\n[auth]\nhtpasswd_file = \"{}\"\n", pw.display()).replace("[auth]", "[auth]"),
+    );
+    let ctd = Containerd::start();
+    let hosts = hosts_dir(work.path(), "registry.test", &w);
+    let pull = |hosts: &Path| {
+        ctd.ctr(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            hosts.to_str().expect("utf-8"),
+            "--snapshotter",
+            "native",
+            "--platform",
+            "linux/amd64",
+            "registry.test/private/app:latest",
+        ])
+    };
+    let refused = pull(&hosts);
+    assert!(!refused.status.success(), "no header, no pull");
+    use base64::Engine as _;
+    let header = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("node:node-pw"));
+    let toml = hosts.join("registry.test").join("hosts.toml");
+    let mut text = std::fs::read_to_string(&toml).expect("hosts.toml");
+    text.push_str(&format!("  [host.\"http://{}\".header]\n    Authorization = \"{header}\"\n", w.host()));
+    std::fs::write(&toml, text).expect("hosts.toml");
+    let out = pull(&hosts);
+    assert!(
+        out.status.success(),
+        "ctr pull with the header: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let images = String::from_utf8_lossy(&ctd.ctr(&["images", "ls"]).stdout).into_owned();
+    assert!(images.contains(&img.index), "containerd resolved the upstream's index: {images}");
+    assert!(w.log().contains("user=\"node\"") || w.log().contains("user=node"));
 }

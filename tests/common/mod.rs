@@ -244,6 +244,8 @@ pub struct Wharf {
     pub config: PathBuf,
     log: PathBuf,
     dir: TempDir,
+    /// `--listen` for each start.
+    listen: String,
 }
 
 pub fn wharf_bin() -> &'static str {
@@ -266,6 +268,12 @@ impl Wharf {
 
     /// [`Wharf::with_config`], with the data dir at `data` (e.g. a small file system).
     pub fn with_config_at(toml: &str, data: Option<PathBuf>) -> Wharf {
+        Wharf::with_config_listen(toml, data, "127.0.0.1:0")
+    }
+
+    /// [`Wharf::with_config_at`], listening on `listen` (e.g. an address that is not
+    /// loopback, which the docker daemon treats as secure).
+    pub fn with_config_listen(toml: &str, data: Option<PathBuf>, listen: &str) -> Wharf {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("wharf.toml");
         std::fs::write(&config, format!("shutdown_grace = \"5s\"\n{toml}")).expect("write config");
@@ -280,6 +288,7 @@ impl Wharf {
             config,
             log,
             dir,
+            listen: listen.to_owned(),
         };
         w.launch();
         w
@@ -289,7 +298,7 @@ impl Wharf {
         let _ = std::fs::remove_file(self.data.join("wharf/server.json"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
         let child = Command::new(wharf_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .args(["serve", "--listen", &self.listen, "--config"])
             .arg(&self.config)
             .arg("--data-dir")
             .arg(&self.data)
