@@ -11,17 +11,6 @@ use common::{wait_for, Registry, Wharf};
 
 const LAYERS: &[usize] = &[2048, 256 * 1024];
 
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.stdin(Stdio::null()).output().expect("command runs");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// Stops a daemon: SIGTERM, then waits for it.
 fn stop(child: &mut Child) {
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
