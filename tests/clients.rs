@@ -406,10 +406,7 @@ fn containerd_pulls_with_an_authorization_header_from_hosts_toml() {
     let img = reg.seed(work.path(), "ctr-auth", "private/app:latest", LAYERS);
     let pw = work.path().join("htpasswd");
     std::fs::write(&pw, format!("node:{}\n", bcrypt::hash("node-pw", 5).expect("bcrypt"))).expect("htpasswd");
-    let w = Wharf::start(
-        &reg.url(),
-        &format!("\n[auth]\nhtpasswd_file = \"{}\"\n", pw.display()).replace("[auth]", "[auth]"),
-    );
+    let w = Wharf::start(&reg.url(), &format!("\n[auth]\nhtpasswd_file = \"{}\"\n", pw.display()));
     let ctd = Containerd::start();
     let hosts = hosts_dir(work.path(), "registry.test", &w);
     let pull = |hosts: &Path| {
