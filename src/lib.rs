@@ -34,6 +34,9 @@ pub mod store;
 pub mod upstream;
 pub mod zerocopy;
 
+#[cfg(test)]
+mod parse_props;
+
 use std::sync::Arc;
 
 pub use server::{serve, serve_with_admin};

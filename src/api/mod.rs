@@ -739,6 +739,35 @@ mod tests {
         assert_eq!(parse_range(Some("items=0-1"), 10), ByteRange::Whole);
     }
 
+    proptest::proptest! {
+        #![proptest_config(crate::parse_props::config())]
+
+        #[test]
+        fn any_range_header_is_whole_a_part_inside_the_blob_or_unsatisfiable(
+            h in proptest::prop_oneof![
+                proptest::prelude::any::<String>(),
+                proptest::string::string_regex("bytes ?= ?-?[0-9]{0,22} ?-? ?[0-9]{0,22}(,[0-9]{0,3}-[0-9]{0,3})?").expect("regex"),
+            ],
+            size in proptest::prop_oneof![proptest::prelude::Just(0u64), 1u64..10_000, proptest::prelude::any::<u64>()],
+        ) {
+            match parse_range(Some(&h), size) {
+                ByteRange::Part(a, b) => proptest::prop_assert!(a <= b && b < size, "{h:?} of {size}: {a}-{b}"),
+                ByteRange::Whole | ByteRange::Unsatisfiable => {}
+            }
+        }
+
+        #[test]
+        fn any_accept_header_is_read_without_panicking(values in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80), 0..4)) {
+            let mut h = HeaderMap::new();
+            for v in values {
+                if let Ok(v) = HeaderValue::from_bytes(&v) {
+                    h.append(header::ACCEPT, v);
+                }
+            }
+            let _ = accepts(&h, OCI_MANIFEST);
+        }
+    }
+
     #[test]
     fn accept_negotiation() {
         let mut h = HeaderMap::new();

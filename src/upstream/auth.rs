@@ -142,7 +142,8 @@ impl Auth {
     /// Keeps a token for `repo`; tokens are retired a little before they expire.
     pub fn store_token(&self, repo: &str, t: TokenResponse) -> Option<Credential> {
         let value = t.token.or(t.access_token)?;
-        let ttl = Duration::from_secs(t.expires_in.unwrap_or(60).max(1));
+        // Held to a day: an upstream's `expires_in` is not trusted to be sane.
+        let ttl = Duration::from_secs(t.expires_in.unwrap_or(60).clamp(1, 86_400));
         let until = Instant::now() + ttl.mul_f64(0.9);
         if let Ok(mut tokens) = self.tokens.lock() {
             tokens.retain(|_, c| Instant::now() < c.until);
@@ -190,5 +191,42 @@ mod tests {
             TokenResponse { token: Some("tok-123".into()), access_token: None, expires_in: None },
         );
         assert!(!format!("{t:?}").contains("tok-123"));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::parse_props::config())]
+
+        #[test]
+        fn any_challenge_header_parses_or_is_none(h in proptest::prop_oneof![
+            proptest::prelude::any::<String>(),
+            proptest::string::string_regex("(Bearer|Basic|bearer|Digest) ?([a-z]{1,8}=(\"[^\"]{0,20}\"?|[a-z:/.,]{0,20}),?){0,4}").expect("regex"),
+        ]) {
+            if let Some(Challenge::Bearer { realm, .. }) = parse_challenge(&h) {
+                proptest::prop_assert!(h.to_ascii_lowercase().contains("realm"), "{h:?} -> {realm:?}");
+            }
+        }
+
+        #[test]
+        fn a_quoted_realm_comes_back_whole(realm in "[a-zA-Z0-9:/._, =-]{1,40}", service in "[a-z.]{1,20}") {
+            let h = format!("Bearer realm=\"{realm}\",service=\"{service}\",scope=\"repository:a/b:pull\"");
+            proptest::prop_assert_eq!(
+                parse_challenge(&h),
+                Some(Challenge::Bearer { realm: realm.trim().to_owned(), service: Some(service), scope: Some("repository:a/b:pull".into()) })
+            );
+        }
+
+        #[test]
+        fn any_token_response_is_taken_or_refused_without_panicking(
+            body in proptest::prop_oneof![
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+                proptest::strategy::Strategy::prop_map((proptest::option::of("[ -~]{0,40}"), proptest::prelude::any::<Option<u64>>()),
+                    |(t, e)| serde_json::json!({"token": t, "expires_in": e}).to_string().into_bytes()),
+            ]
+        ) {
+            if let Ok(t) = serde_json::from_slice::<TokenResponse>(&body) {
+                let a = Auth::new(None, None);
+                let _ = a.store_token("r", t);
+            }
+        }
     }
 }

@@ -88,9 +88,7 @@ impl Upstream {
             .user_agent(concat!("wharf/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(cfg.connect_timeout)
             .read_timeout(cfg.idle_timeout)
-            // Redirects (a CDN for blobs) are followed; reqwest drops Authorization when
-            // one leaves the host, and follows only http(s).
-            .redirect(reqwest::redirect::Policy::limited(5))
+            .redirect(redirect_policy())
             .danger_accept_invalid_certs(cfg.insecure && cfg.url.scheme() == "https");
         if let Some(ca) = &cfg.ca_file {
             let pem = std::fs::read(ca).map_err(|e| invalid(format!("ca_file {}: {e}", ca.display())))?;
@@ -304,8 +302,14 @@ impl Upstream {
                 s => UpstreamError::Denied(s.as_u16()),
             });
         }
-        let t: TokenResponse =
-            resp.json().await.map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
+        let body = read_limited(resp, MAX_TOKEN_BYTES, "token response").await.map_err(|e| match e {
+            UpstreamError::TooLarge => {
+                UpstreamError::Invalid(format!("token response larger than {MAX_TOKEN_BYTES} bytes"))
+            }
+            e => e,
+        })?;
+        let t: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| UpstreamError::Invalid(format!("token response is not a token: {e}")))?;
         self.auth
             .store_token(key, t)
             .ok_or_else(|| UpstreamError::Invalid("token response has no token".into()))
@@ -342,18 +346,9 @@ impl Upstream {
             .get(header::CONTENT_TYPE)
             .and_then(|h| h.to_str().ok())
             .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned());
-        let mut body = BytesMut::new();
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk
-                .map_err(|e| UpstreamError::Unavailable(format!("manifest body: {}", error_chain(&e))))?;
-            if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
-                return Err(UpstreamError::TooLarge);
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = read_limited(resp, MAX_MANIFEST_BYTES, "manifest body").await?;
         self.metrics.upstream_bytes.with_label_values(&[&self.name]).inc_by(body.len() as u64);
-        Ok(FetchedManifest { bytes: body.freeze(), content_type })
+        Ok(FetchedManifest { bytes: body, content_type })
     }
 
     /// GETs a blob; the caller streams the body.
@@ -379,6 +374,50 @@ impl Upstream {
 }
 
 /// An error with its sources, for logs (reqwest's top-level message alone hides the cause).
+/// Most bytes a token endpoint's answer may have (real ones are a few KiB).
+const MAX_TOKEN_BYTES: usize = 256 * 1024;
+
+/// A whole response body of at most `max` bytes; [`UpstreamError::TooLarge`] past it,
+/// whatever the headers said.
+async fn read_limited(
+    resp: reqwest::Response,
+    max: usize,
+    what: &str,
+) -> Result<bytes::Bytes, UpstreamError> {
+    if resp.content_length().is_some_and(|l| l > max as u64) {
+        return Err(UpstreamError::TooLarge);
+    }
+    let mut body = BytesMut::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| UpstreamError::Unavailable(format!("{what}: {}", error_chain(&e))))?;
+        if body.len() + chunk.len() > max {
+            return Err(UpstreamError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Redirects are followed (registries send blobs to a CDN on another host: Docker Hub to
+/// Cloudflare, GHCR to githubusercontent, quay to S3), at most 5, to http(s) only, and
+/// never from https down to http. reqwest drops `Authorization` when one leaves the host.
+fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let downgrade =
+            attempt.url().scheme() == "http" && attempt.previous().iter().any(|u| u.scheme() == "https");
+        if attempt.previous().len() > 5 {
+            attempt.error("more than 5 redirects (a redirect loop?)")
+        } else if !matches!(attempt.url().scheme(), "http" | "https") {
+            attempt.error("redirect to a scheme other than http(s)")
+        } else if downgrade {
+            attempt.error("redirect from https down to http")
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();

@@ -27,6 +27,10 @@ pub enum ManifestFault {
     Stall,
     /// HEAD requests wait until the gate opens.
     GatedHead,
+    /// GETs answer 200 with an HTML error page (a proxy or captive portal in the way).
+    Html,
+    /// HEADs answer this `Docker-Content-Digest`, whatever the bytes are.
+    HeadDigest(String),
 }
 
 /// How one blob is served.
@@ -45,6 +49,8 @@ pub enum BlobMode {
     RedirectToLocalhost,
     /// 307 to this location.
     RedirectTo(String),
+    /// The right bytes, without a Content-Length (chunked).
+    Chunked,
 }
 
 /// One request the fake saw.
@@ -70,6 +76,8 @@ pub struct State {
     pub tokens_issued: Mutex<u32>,
     /// When set, /v2/ requests need exactly this `Authorization` value (Basic auth).
     pub basic: Mutex<Option<String>>,
+    /// When set, the token endpoint answers 200 with this body instead of a token.
+    pub token_body: Mutex<Option<Vec<u8>>>,
     gate: Mutex<Option<watch::Sender<bool>>>,
 }
 
@@ -197,6 +205,9 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
     });
 
     if path == "/token" {
+        if let Some(b) = st.token_body.lock().expect("lock").clone() {
+            return full(200, &[("content-type", "application/json".into())], b);
+        }
         let ttl = st.token_ttl.lock().expect("lock").unwrap_or(60);
         let mut n = st.tokens_issued.lock().expect("lock");
         *n += 1;
@@ -260,6 +271,13 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
                 Some(ManifestFault::Stall) => {
                     std::future::pending::<()>().await;
                 }
+                Some(ManifestFault::Html) if !head => {
+                    return full(
+                        200,
+                        &[("content-type", "text/html".into())],
+                        b"<html><body>Service temporarily unavailable</body></html>".to_vec(),
+                    )
+                }
                 Some(ManifestFault::GatedHead) if head => {
                     let gate = st.gate.lock().expect("lock").as_ref().map(|g| g.subscribe());
                     if let Some(mut g) = gate {
@@ -276,9 +294,13 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
             let m = st.manifests.lock().expect("lock").get(&key).cloned();
             match m {
                 Some((mt, bytes)) => {
+                    let digest = match (&fault, head) {
+                        (Some(ManifestFault::HeadDigest(d)), true) => d.clone(),
+                        _ => sha256(&bytes),
+                    };
                     let h = [
                         ("content-type", mt),
-                        ("docker-content-digest", sha256(&bytes)),
+                        ("docker-content-digest", digest),
                         ("content-length", bytes.len().to_string()),
                     ];
                     full(200, &h, if head { vec![] } else { bytes })
@@ -313,6 +335,11 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
                     vec![],
                 ),
                 BlobMode::RedirectTo(to) => full(307, &[("location", to)], vec![]),
+                BlobMode::Chunked => {
+                    let chunks: Vec<io::Result<Bytes>> =
+                        bytes.chunks(1000).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+                    Response::new(wharf::api::body::stream(futures_util::stream::iter(chunks)))
+                }
                 BlobMode::WrongGatedAfter(..) => unreachable!("mapped to GatedAfter above"),
                 BlobMode::CutAfter(k) | BlobMode::GatedAfter(k) => {
                     let (tx, body) = wharf::api::body::channel(4);
