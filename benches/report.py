@@ -28,6 +28,12 @@ ROWS = [
     ("f_peak_rss_ac_mib", "f. peak RSS during a-c", "MiB", "low", None),
     ("f_peak_rss_d_mib", "f. peak RSS during d", "MiB", "low", None),
     ("f_peak_rss_e_mib", "f. peak RSS during e", "MiB", "low", None),
+    ("i_idle_opened", "i. idle keep-alive connections opened (of IDLE_CONNS)", "", "high", None),
+    ("i_idle_held", "   of them still open after the GETs below", "", None, None),
+    ("i_idle_rss_mib", "i. RSS while they are held", "MiB", "low", None),
+    ("i_idle_p50_base_ms", "i. cached GET p50, idle server", "ms", "low", None),
+    ("i_idle_p50_during_ms", "i. cached GET p50, with the idle connections", "ms", "low", None),
+    ("i_idle_latency_x", "   p50 with them / p50 without", "x", "low", None),
     ("g_offline_by_tag", "g. offline pull by tag (origin stopped)", "", None, None),
     ("g_offline_by_digest", "g. offline pull by digest (origin stopped)", "", None, None),
 ]

@@ -7,15 +7,24 @@
 # is bounded in time.
 #
 # usage: benches/scenarios.sh [PROXY ...]        (default: wharf distribution nginx)
+#        (wharf-auth: wharf with htpasswd auth on; every client here sends Basic
+#        credentials, which proxies without auth ignore, so its rows compare auth on/off)
 # knobs: REPS=3 LOAD_SECONDS=10 CONNS=64 BIG_CLIENTS=8 HERD_CLIENTS=32 OFFLINE_WAIT=12
+#        IDLE_CONNS=10000 (idle keep-alive connections held in scenario i)
 #        PORT0=18000 BENCH_WORK=/tmp/wharf-bench (images are kept there between runs)
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 REPO=$(cd "$BENCH_ROOT/.." && pwd)
 REPS=${REPS:-3} LOAD_SECONDS=${LOAD_SECONDS:-10} CONNS=${CONNS:-64}
 BIG_CLIENTS=${BIG_CLIENTS:-8} HERD_CLIENTS=${HERD_CLIENTS:-32} OFFLINE_WAIT=${OFFLINE_WAIT:-12}
-PORT0=${PORT0:-18000}
+PORT0=${PORT0:-18000} IDLE_CONNS=${IDLE_CONNS:-10000}
 WORK=${BENCH_WORK:-/tmp/wharf-bench}
+# Every client sends these credentials (wharf-auth checks them; the others ignore them):
+# curl through a curlrc, wrk and ab with -H, skopeo with --src-creds.
+BENCH_AUTH="Basic $(printf bench:bench | base64)"
+export CURL_HOME=$WORK/curlhome
+mkdir -p "$CURL_HOME"
+printf 'header = "Authorization: %s"\n' "$BENCH_AUTH" >"$CURL_HOME/.curlrc"
 PROXIES=("$@")
 ((${#PROXIES[@]})) || PROXIES=(wharf distribution nginx)
 ORIGIN_PORT=$PORT0 STATIC_PORT=$((PORT0 + 1))
@@ -109,7 +118,7 @@ pull() { # URL-HOST/REPO:TAG DEST -> seconds, or FAIL
   local t0 t
   t0=$(clock)
   rm -rf "$2"
-  if timeout 600 skopeo --insecure-policy copy -q --all --src-tls-verify=false "docker://$1" "oci:$2:x" >>"$RUN/skopeo.log" 2>&1; then
+  if timeout 600 skopeo --insecure-policy copy -q --all --src-tls-verify=false --src-creds bench:bench "docker://$1" "oci:$2:x" >>"$RUN/skopeo.log" 2>&1; then
     t=$(elapsed "$t0"); echo "$t"
   else echo FAIL; fi
 }
@@ -125,10 +134,10 @@ hashed_mbps() { # URL of the big blob -> MB/s of a GET piped through sha256sum; 
   awk -v s="$BIG_SIZE" -v t="$(elapsed "$t")" 'BEGIN { printf "%.0f", s / t / 1e6 }'
 }
 wrk_rate() { # URL -> req/s
-  wrk -t2 -c"$CONNS" -d"${LOAD_SECONDS}s" -H "Accept: $INDEX_ACCEPT" "$1" 2>/dev/null | awk '/^Requests\/sec/ { printf "%.0f", $2 }'
+  wrk -t2 -c"$CONNS" -d"${LOAD_SECONDS}s" -H "Accept: $INDEX_ACCEPT" -H "Authorization: $BENCH_AUTH" "$1" 2>/dev/null | awk '/^Requests\/sec/ { printf "%.0f", $2 }'
 }
 ab_head_rate() { # URL -> req/s (wrk 4.1 waits for a body after HEAD, so ab)
-  ab -k -i -q -c "$CONNS" -t "$LOAD_SECONDS" -n 100000000 -H "Accept: $INDEX_ACCEPT" "$1" 2>/dev/null |
+  ab -k -i -q -c "$CONNS" -t "$LOAD_SECONDS" -n 100000000 -H "Accept: $INDEX_ACCEPT" -H "Authorization: $BENCH_AUTH" "$1" 2>/dev/null |
     awk '/^Requests per second/ { printf "%.0f", $4 }'
 }
 
@@ -219,6 +228,41 @@ references() { # the origin itself and static nginx, once per repetition
   halt "$pid"
 }
 
+p50_ms() { # URL -> median latency of a cached GET under light load (4 connections), ms
+  wrk -t1 -c4 -d5s --latency -H "Accept: $INDEX_ACCEPT" -H "Authorization: $BENCH_AUTH" "$1" 2>/dev/null |
+    awk '$1 == "50%" { v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v)
+      printf "%.3f", v * (u == "us" ? 0.001 : u == "s" ? 1000 : 1) }'
+}
+rss_kib() { # PID -> summed VmRSS of the process tree
+  local total=0 p v
+  for p in $(descendants "$1"); do
+    v=$(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status" 2>/dev/null || true)
+    total=$((total + ${v:-0}))
+  done
+  echo "$total"
+}
+idle() { # NAME PORT: IDLE_CONNS idle keep-alive connections, and a cached GET meanwhile
+  local name=$1 port=$2 pid holder url base during out=$RUN/idle-$1.out
+  pid=$(start_proxy "$name" "$port"); PIDS+=("$pid")
+  url="http://127.0.0.1:$port/v2/bench/app/manifests/$APP_INDEX"
+  curl -s -o /dev/null -H "Accept: $INDEX_ACCEPT" "$url"
+  base=$(p50_ms "$url")
+  : >"$out"
+  python3 "$BENCH_ROOT/idle_conns.py" "$port" "$IDLE_CONNS" "/v2/bench/app/manifests/$APP_INDEX" "$BENCH_AUTH" >"$out" &
+  holder=$!
+  for _ in $(seq 600); do grep -q '^open' "$out" && break; sleep 0.1; done
+  during=$(p50_ms "$url")
+  record "$name" i_idle_rss_mib $(($(rss_kib "$pid") / 1024))
+  record "$name" i_idle_p50_base_ms "$base"
+  record "$name" i_idle_p50_during_ms "$during"
+  record "$name" i_idle_latency_x "$(awk -v a="$during" -v b="$base" 'BEGIN { if (b > 0) printf "%.2f", a / b }')"
+  kill -USR1 "$holder" 2>/dev/null || true
+  wait "$holder" 2>/dev/null || true
+  record "$name" i_idle_opened "$(awk '/^open/ { print $2 }' "$out")"
+  record "$name" i_idle_held "$(awk '/^held/ { print $2 }' "$out")"
+  stop_proxy "$name" "$pid"
+}
+
 offline() { # NAME PORT: warm, lose the origin, pull again
   local name=$1 port=$2 pid
   pid=$(start_proxy "$name" "$port"); PIDS+=("$pid")
@@ -239,6 +283,7 @@ for rep in $(seq "$REPS"); do
     name=${PROXIES[$(((i + rep - 1) % n))]}
     say "  $name"
     scenarios "$name" $((PORT0 + 10 + i))
+    idle "$name" $((PORT0 + 10 + i))
   done
 done
 rep=1
