@@ -3,7 +3,7 @@
 idle. Prints "open K" once they are up; on SIGUSR1 prints "held K" (connections the
 server has not closed) and exits.
 
-usage: idle_conns.py PORT N PATH [AUTHORIZATION]"""
+usage: idle_conns.py PORT N PATH [AUTHORIZATION]   (PATH "-": connect, send nothing)"""
 import asyncio
 import resource
 import signal
@@ -13,6 +13,9 @@ import sys
 async def one(port, path, auth, conns):
     try:
         r, w = await asyncio.open_connection("127.0.0.1", port)
+        if path == "-":  # connect only, send nothing
+            conns.append((r, w))
+            return
         head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         if auth:
             head += f"Authorization: {auth}\r\n"
@@ -36,7 +39,11 @@ async def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     conns = []
     for i in range(0, n, 500):
-        await asyncio.gather(*(one(port, path, auth, conns) for _ in range(min(500, n - i))))
+        # A server that neither answers nor refuses (out of worker slots) gets 10 s.
+        await asyncio.gather(
+            *(asyncio.wait_for(one(port, path, auth, conns), 10) for _ in range(min(500, n - i))),
+            return_exceptions=True,
+        )
     print(f"open {len(conns)}", flush=True)
     done = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, done.set)

@@ -18,6 +18,10 @@ REPO=$(cd "$BENCH_ROOT/.." && pwd)
 REPS=${REPS:-3} LOAD_SECONDS=${LOAD_SECONDS:-10} CONNS=${CONNS:-64}
 BIG_CLIENTS=${BIG_CLIENTS:-8} HERD_CLIENTS=${HERD_CLIENTS:-32} OFFLINE_WAIT=${OFFLINE_WAIT:-12}
 PORT0=${PORT0:-18000} IDLE_CONNS=${IDLE_CONNS:-10000}
+# Every proxy and the idle-connection holder get room for IDLE_CONNS descriptors and more
+# (as root the hard limit can be raised; the default soft limit is often 1024).
+ulimit -Hn 1048576 2>/dev/null || true
+ulimit -Sn 65536 2>/dev/null || true
 WORK=${BENCH_WORK:-/tmp/wharf-bench}
 # Every client sends these credentials (wharf-auth checks them; the others ignore them):
 # curl through a curlrc, wrk and ab with -H, skopeo with --src-creds.

@@ -76,7 +76,7 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     /// Connections served at once; further ones wait in the listen backlog. Also held
-    /// to half the open-file limit, so connections cannot take every descriptor.
+    /// under the open-file limit, so connections cannot take every descriptor.
     pub max_connections: usize,
     /// Most bytes of a request head (HTTP/1), or of its header list (HTTP/2).
     pub max_header_bytes: ByteSize,

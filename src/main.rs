@@ -121,7 +121,13 @@ async fn call_server(
     // The server is on this machine and named in our own data dir; its certificate may be
     // for another name than the address we reach it by.
     let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build()?;
-    let resp = client.request(method, format!("{scheme}://{addr}{path}")).send().await?;
+    let mut req = client.request(method, format!("{scheme}://{addr}{path}"));
+    // For a server with auth.protect_admin: `user:password` of an htpasswd user.
+    if let Ok(creds) = std::env::var("WHARF_CREDENTIALS") {
+        let (user, password) = creds.split_once(':').ok_or("WHARF_CREDENTIALS is not user:password")?;
+        req = req.basic_auth(user, Some(password));
+    }
+    let resp = req.send().await?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await?;
     if !status.is_success() {

@@ -164,7 +164,10 @@ async fn stalled_http2_readers_hold_no_threads_and_are_dropped_while_cold_pulls_
     let cached = fake.blob(noise("h2-cached", 1 << 20));
     let cold = noise("h2-cold", 4 << 20);
     let cold_digest = fake.blob(cold.clone());
-    let w = Wharf::with_config(&fake_config(&fake, "[server]\nwrite_timeout = \"20s\"\n"));
+    let w = Wharf::with_config(&fake_config(
+        &fake,
+        "[server]\nwrite_timeout = \"20s\"\nhttp2_keepalive_interval = \"5s\"\n",
+    ));
     let blob_url = |d: &str| w.url(&format!("/v2/app/blobs/{d}"));
     let warm = reqwest::get(blob_url(&cached)).await.expect("warm").bytes().await.expect("body");
     assert_eq!(sha256(&warm), cached);
@@ -213,7 +216,8 @@ async fn stalled_http2_readers_hold_no_threads_and_are_dropped_while_cold_pulls_
         .expect("cold body");
     assert_eq!(sha256(&got), cold_digest, "the cold blob arrived whole");
 
-    // Nobody reads: both connections are dropped at the write timeout.
+    // Nobody reads (the client's HTTP/2 layer still answers pings, every 5 s): both
+    // connections are dropped at the write timeout.
     wait_until(30, "stalled connections to be dropped", || async {
         (w.metric("wharf_connections_closed_total", &[("reason", "write_timeout")]).await >= 2.0)
             .then_some(())
@@ -304,4 +308,27 @@ async fn admin_routes_are_served_only_on_the_admin_listener_when_it_is_set() {
     assert!(out.status.success(), "wharf stats: {}", String::from_utf8_lossy(&out.stderr));
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
     assert!(stats.is_object());
+}
+
+#[tokio::test]
+async fn a_request_head_over_the_size_cap_gets_431_and_normal_ones_pass() {
+    let fake = Fake::start().await;
+    let w = Wharf::with_config(&fake_config(&fake, "[server]\nmax_header_bytes = \"16KiB\"\n"));
+    let send = |extra: usize| {
+        let addr = w.addr;
+        async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            let head = format!(
+                "GET /_wharf/health HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+                "a".repeat(extra)
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            String::from_utf8_lossy(&out).split(' ').nth(1).unwrap_or("").to_owned()
+        }
+    };
+    assert_eq!(send(8 * 1024).await, "200");
+    assert_eq!(send(64 * 1024).await, "431");
+    assert_eq!(send(100).await, "200", "the server goes on");
 }

@@ -55,18 +55,23 @@ pub fn raise_open_file_limit() -> Option<u64> {
     now
 }
 
-/// `server.max_connections`, held to half the open-file limit: every connection takes a
-/// descriptor, and downloads, spool files and stored blobs being read need the rest.
+/// Descriptors kept back from connections for what requests open: stored blobs being
+/// read, spool files, upstream connections.
+const DESCRIPTOR_RESERVE: u64 = 2048;
+
+/// `server.max_connections`, held under the open-file limit: every connection takes a
+/// descriptor, and requests need more (at least [`DESCRIPTOR_RESERVE`], or half the limit
+/// when it is small).
 fn connection_cap(cfg: &ServerConfig) -> usize {
     let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
     match nofile {
-        Some(n) if (n / 2) < cfg.max_connections as u64 => {
-            let cap = (n / 2).max(1) as usize;
+        Some(n) if n.saturating_sub(DESCRIPTOR_RESERVE).max(n / 2) < cfg.max_connections as u64 => {
+            let cap = n.saturating_sub(DESCRIPTOR_RESERVE).max(n / 2).max(1) as usize;
             tracing::warn!(
                 configured = cfg.max_connections,
                 cap,
                 nofile = n,
-                "server.max_connections held to half the open-file limit"
+                "server.max_connections held under the open-file limit"
             );
             cap
         }
@@ -137,8 +142,9 @@ pub async fn serve_with_admin(
     let flusher = tokio::spawn(flush_access_periodically(state.clone()));
     let limits = state.config.server.clone();
     let builder = builder(&limits);
-    let slots = Arc::new(Semaphore::new(connection_cap(&limits)));
-    state.metrics.connection_limit.set(connection_cap(&limits) as i64);
+    let cap = connection_cap(&limits);
+    let slots = Arc::new(Semaphore::new(cap));
+    state.metrics.connection_limit.set(cap as i64);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer, permit) = tokio::select! {
@@ -167,7 +173,15 @@ pub async fn serve_with_admin(
                             serve_connection(&builder, TokioIo::new(s), state, watcher, conn, None).await
                         }
                         Ok(Err(e)) => {
-                            if e.to_string().contains("certificate") {
+                            let rustls_error = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+                            let bad_cert = matches!(
+                                rustls_error,
+                                Some(
+                                    rustls::Error::InvalidCertificate(_)
+                                        | rustls::Error::NoCertificatesPresented
+                                )
+                            );
+                            if bad_cert {
                                 state.metrics.auth_failures.with_label_values(&["bad_certificate"]).inc();
                                 tracing::info!(%peer, error = %e, "client certificate refused");
                             } else {
@@ -236,13 +250,18 @@ impl Drop for Open {
 }
 
 /// What a connection's watchdog reads: requests started, responses in flight, responses
-/// that handed the connection a chunk it has not taken yet, and bytes written.
+/// that handed the connection a chunk it has not taken yet, chunks taken, bytes written.
 #[derive(Default)]
 struct Activity {
     requests: AtomicU64,
     in_flight: AtomicUsize,
     awaiting_client: AtomicUsize,
+    /// Chunks clients took (a response was asked for its next chunk after handing one out).
+    taken: AtomicU64,
     written: AtomicU64,
+    /// HTTP/2: its pings write bytes whether or not a client reads, so only `taken`
+    /// shows progress there.
+    h2: std::sync::atomic::AtomicBool,
 }
 
 /// Why a connection was closed by its watchdog.
@@ -253,16 +272,24 @@ enum Closed {
 }
 
 /// Resolves when the connection has had no request and no response in flight for
-/// `idle`, or when a response has waited `write` for its client to take a byte.
+/// `idle`, or when a response has waited `write` for its client to take anything: on
+/// HTTP/1 a byte written (a mapped chunk is megabytes), on HTTP/2 a chunk taken.
 async fn watchdog(act: &Activity, idle: Duration, write: Duration) -> Closed {
     let tick = (idle.min(write) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-    let (mut requests, mut written) =
-        (act.requests.load(Ordering::Relaxed), act.written.load(Ordering::Relaxed));
+    let progress = || {
+        let taken = act.taken.load(Ordering::Relaxed);
+        if act.h2.load(Ordering::Relaxed) {
+            (taken, 0)
+        } else {
+            (taken, act.written.load(Ordering::Relaxed))
+        }
+    };
+    let (mut requests, mut written) = (act.requests.load(Ordering::Relaxed), progress());
     let (mut idle_since, mut write_since) = (tokio::time::Instant::now(), tokio::time::Instant::now());
     loop {
         tokio::time::sleep(tick).await;
         let now = tokio::time::Instant::now();
-        let (r, w) = (act.requests.load(Ordering::Relaxed), act.written.load(Ordering::Relaxed));
+        let (r, w) = (act.requests.load(Ordering::Relaxed), progress());
         if r != requests || act.in_flight.load(Ordering::Relaxed) > 0 {
             requests = r;
             idle_since = now;
@@ -377,6 +404,7 @@ impl http_body::Body for Tracked {
         if this.handed {
             this.handed = false;
             act.awaiting_client.fetch_sub(1, Ordering::Relaxed);
+            act.taken.fetch_add(1, Ordering::Relaxed);
         }
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(_))) = &r {
@@ -428,6 +456,9 @@ async fn serve_connection<I>(
             req.extensions_mut().insert(api::ClientCert(u.clone()));
         }
         a.requests.fetch_add(1, Ordering::Relaxed);
+        if req.version() == http::Version::HTTP_2 {
+            a.h2.store(true, Ordering::Relaxed);
+        }
         // Counted out when the body is dropped, whether sent, failed or cancelled (or
         // when the request is dropped before it has a response).
         let flight = InFlight::new(a.clone());
