@@ -15,7 +15,8 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
@@ -103,7 +104,6 @@ struct Htpasswd {
     /// user takes as long as a wrong password (no user enumeration by timing).
     dummy: String,
     stamp: Option<(SystemTime, u64)>,
-    checked: Instant,
 }
 
 pub struct Auth {
@@ -115,11 +115,20 @@ pub struct Auth {
     pub protect_admin: bool,
     rules: Vec<Rule>,
     max_delay: Duration,
-    htpasswd: Mutex<Arc<Htpasswd>>,
+    htpasswd: RwLock<Arc<Htpasswd>>,
+    /// When the htpasswd file is next checked for a change, in ms since `epoch`: a
+    /// request reads an atomic, and only one a second looks at the file.
+    next_check: AtomicU64,
+    epoch: Instant,
     /// sha256(user, password) of credentials bcrypt accepted, with the user; emptied
     /// when the file changes.
-    verified: Mutex<HashMap<[u8; 32], Arc<str>>>,
+    verified: RwLock<HashMap<[u8; 32], Arc<str>>>,
+    /// bcrypt checks in flight, by the same key: a herd presenting one credential costs
+    /// one bcrypt, not one each.
+    checking: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<bool>>>>,
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// Entries in `failures`, so a success skips its lock when nobody is failing.
+    failing: AtomicUsize,
     metrics: Arc<Metrics>,
     /// Signs tokens; random per process, so a restart invalidates them (clients fetch a
     /// new one on the 401).
@@ -157,9 +166,7 @@ impl Auth {
         let anonymous = config.anonymous_allowed();
         let htpasswd = match &a.htpasswd_file {
             Some(p) => load(p)?,
-            None => {
-                Htpasswd { users: HashMap::new(), dummy: String::new(), stamp: None, checked: Instant::now() }
-            }
+            None => Htpasswd { users: HashMap::new(), dummy: String::new(), stamp: None },
         };
         let mut token_key = [0u8; 32];
         std::io::Read::read_exact(
@@ -178,9 +185,13 @@ impl Auth {
             protect_admin: a.protect_admin,
             rules,
             max_delay: a.max_failure_delay,
-            htpasswd: Mutex::new(Arc::new(htpasswd)),
-            verified: Mutex::new(HashMap::new()),
+            htpasswd: RwLock::new(Arc::new(htpasswd)),
+            next_check: AtomicU64::new(RELOAD_CHECK.as_millis() as u64),
+            epoch: Instant::now(),
+            verified: RwLock::new(HashMap::new()),
+            checking: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
+            failing: AtomicUsize::new(0),
             metrics,
         })
     }
@@ -199,9 +210,13 @@ impl Auth {
         let Some(value) = headers.get(header::AUTHORIZATION) else { return Ok(by_cert()) };
         let value = value.as_bytes();
         if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
-            return match self.verify_token(&value[7..])? {
-                Identity::Anonymous => Ok(by_cert()),
-                user => Ok(user),
+            return match self.verify_token(&value[7..]) {
+                Ok(Identity::Anonymous) => Ok(by_cert()),
+                Ok(user) => Ok(user),
+                // A mirror that lets everyone in ignores tokens it did not issue, as it
+                // ignores Basic credentials (a node may send a header meant for another).
+                Err(_) if !self.enforced => Ok(by_cert()),
+                Err(e) => Err(e),
             };
         }
         if self.htpasswd_file.is_none() {
@@ -216,22 +231,33 @@ impl Auth {
             h.finalize().into()
         };
         let file = self.current();
-        if let Some(u) = lock(&self.verified).get(&key) {
+        if let Some(u) = read(&self.verified).get(&key) {
             return Ok(Identity::User(u.clone()));
         }
         let (hash, known) = match file.users.get(&user) {
             Some(h) => (h.clone(), true),
             None => (file.dummy.clone(), false),
         };
-        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
-            .await
-            .unwrap_or(false);
+        let cell = lock(&self.checking).entry(key).or_default().clone();
+        let ok = *cell
+            .get_or_init(|| async move {
+                tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+                    .await
+                    .unwrap_or(false)
+            })
+            .await;
+        {
+            let mut c = lock(&self.checking);
+            if c.get(&key).is_some_and(|x| Arc::ptr_eq(x, &cell)) {
+                c.remove(&key);
+            }
+        }
         match (known, ok) {
             (true, true) => {
                 let user: Arc<str> = Arc::from(user);
-                let mut v = lock(&self.verified);
+                let mut v = write(&self.verified);
                 // Only verified credentials of the file in force are remembered.
-                if Arc::ptr_eq(&file, &lock(&self.htpasswd)) {
+                if Arc::ptr_eq(&file, &read(&self.htpasswd)) {
                     if v.len() >= VERIFIED_MAX {
                         v.clear();
                     }
@@ -330,6 +356,8 @@ impl Auth {
                     f.clear();
                 }
             }
+            let len = f.len() + usize::from(!f.contains_key(&client));
+            self.failing.store(len, Ordering::Relaxed);
             let e = f.entry(client).or_insert((0, Instant::now()));
             if e.1.elapsed() >= FAILURES_FORGET {
                 e.0 = 0;
@@ -348,46 +376,68 @@ impl Auth {
 
     /// A client that authenticated is no longer slowed down.
     pub fn succeeded(&self, client: IpAddr) {
-        let mut f = lock(&self.failures);
-        if !f.is_empty() {
-            f.remove(&client);
+        if self.failing.load(Ordering::Relaxed) == 0 {
+            return;
         }
+        let mut f = lock(&self.failures);
+        f.remove(&client);
+        self.failing.store(f.len(), Ordering::Relaxed);
     }
 
-    /// The htpasswd file in force, reloaded when it changed (checked at most once a
+    /// The htpasswd file in force, reloaded when it changed (looked at at most once a
     /// second). A file that no longer loads leaves the previous one in force.
     fn current(&self) -> Arc<Htpasswd> {
-        let cur = lock(&self.htpasswd).clone();
+        let cur = read(&self.htpasswd).clone();
         let Some(path) = &self.htpasswd_file else { return cur };
-        if cur.checked.elapsed() < RELOAD_CHECK {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let due = self.next_check.load(Ordering::Relaxed);
+        // One request a second wins the check; the others use the file in force.
+        if now < due
+            || self
+                .next_check
+                .compare_exchange(
+                    due,
+                    now + RELOAD_CHECK.as_millis() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
             return cur;
         }
-        let now = stamp(path);
-        if now == cur.stamp {
-            let mut g = lock(&self.htpasswd);
-            *g = Arc::new(Htpasswd { stamp: cur.stamp, checked: Instant::now(), ..clone_of(&cur) });
-            return g.clone();
+        let stamp_now = stamp(path);
+        if stamp_now == cur.stamp {
+            return cur;
         }
         match load(path) {
             Ok(h) => {
                 tracing::info!(file = %path.display(), users = h.users.len(), "htpasswd reloaded");
                 let h = Arc::new(h);
-                *lock(&self.htpasswd) = h.clone();
-                lock(&self.verified).clear();
+                *write(&self.htpasswd) = h.clone();
+                write(&self.verified).clear();
                 h
             }
             Err(e) => {
                 tracing::error!(error = %e, "htpasswd not reloaded; keeping the previous one");
-                let mut g = lock(&self.htpasswd);
-                *g = Arc::new(Htpasswd { stamp: now, checked: Instant::now(), ..clone_of(&cur) });
-                g.clone()
+                // Not tried again until the file changes again.
+                let kept = Arc::new(Htpasswd { stamp: stamp_now, ..clone_of(&cur) });
+                *write(&self.htpasswd) = kept.clone();
+                kept
             }
         }
     }
 }
 
 fn clone_of(h: &Htpasswd) -> Htpasswd {
-    Htpasswd { users: h.users.clone(), dummy: h.dummy.clone(), stamp: h.stamp, checked: h.checked }
+    Htpasswd { users: h.users.clone(), dummy: h.dummy.clone(), stamp: h.stamp }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -408,7 +458,7 @@ fn load(path: &std::path::Path) -> Result<Htpasswd, String> {
     let users = parse_htpasswd(&text).map_err(|e| format!("auth.htpasswd_file {}: {e}", path.display()))?;
     let cost = users.values().next().and_then(|h| h.get(4..6)).and_then(|c| c.parse().ok()).unwrap_or(10);
     let dummy = bcrypt::hash("not a password", cost).map_err(|e| e.to_string())?;
-    Ok(Htpasswd { users, dummy, stamp: st, checked: Instant::now() })
+    Ok(Htpasswd { users, dummy, stamp: st })
 }
 
 pub fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, String> {
@@ -544,7 +594,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::AUTHORIZATION, http::HeaderValue::from_static("Basic YWxpY2U6czNjcjN0"));
         assert_eq!(a.identify(&h, None).await, Ok(Identity::User("alice".into())));
-        assert_eq!(lock(&a.verified).len(), 1);
+        assert_eq!(read(&a.verified).len(), 1);
         h.insert(header::AUTHORIZATION, http::HeaderValue::from_static("Basic YWxpY2U6d3Jvbmc="));
         assert_eq!(a.identify(&h, None).await, Err(AuthError::BadPassword));
         h.insert(header::AUTHORIZATION, http::HeaderValue::from_static("Basic Ym9iOnM="));

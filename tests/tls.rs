@@ -155,3 +155,58 @@ async fn a_key_that_does_not_fit_is_refused_and_the_old_certificate_stays() {
     let r = client(&one.ca, false).get(w.url("/v2/")).send().await.expect("the old certificate still serves");
     assert_eq!(r.status(), 200);
 }
+
+/// Threads of a process, from /proc.
+fn threads_of(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("Threads")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_readers_hold_no_threads_and_are_dropped_at_the_write_timeout() {
+    let fake = Fake::start().await;
+    let cached = fake.blob(noise("tls-stalled", 8 << 20));
+    let cold = fake.blob(noise("tls-cold", 2 << 20));
+    let work = tempfile::tempdir().expect("tempdir");
+    let p = pki("stall");
+    install(work.path(), &p);
+    let w = Wharf::with_config(&format!(
+        "[server]\nwrite_timeout = \"20s\"\n{}",
+        tls_config(work.path(), &fake.url())
+    ));
+    let url = |d: &str| w.url(&format!("/v2/app/blobs/{d}"));
+    let warm = client(&p.ca, true).get(url(&cached)).send().await.expect("warm").bytes().await.expect("body");
+    assert_eq!(sha256(&warm), cached);
+    w.settled().await;
+    let baseline = threads_of(w.pid());
+
+    // 150 HTTP/1.1 TLS connections that read the response head and nothing more.
+    let mut stalled = Vec::new();
+    for _ in 0..150 {
+        let r = client(&p.ca, true).get(url(&cached)).send().await.expect("response head");
+        assert_eq!(r.status(), 200);
+        stalled.push(r);
+    }
+    let pid = w.pid();
+    wait_until(18, "the blocking pool to shrink back while 150 readers are stalled", || async move {
+        (threads_of(pid) < baseline + 20).then_some(())
+    })
+    .await;
+    let got =
+        client(&p.ca, true).get(url(&cold)).send().await.expect("cold").bytes().await.expect("cold body");
+    assert_eq!(sha256(&got), cold, "a cold pull goes on meanwhile");
+
+    wait_until(40, "the stalled connections to be dropped", || async {
+        let closed = w.metric("wharf_connections_closed_total", &[("reason", "write_timeout")]).await;
+        (closed >= 150.0).then_some(closed)
+    })
+    .await;
+    assert_eq!(w.metric("wharf_connections_closed_total", &[("reason", "write_timeout")]).await, 150.0);
+    for r in stalled {
+        assert!(r.bytes().await.is_err(), "a stalled response is cut, never completed");
+    }
+}

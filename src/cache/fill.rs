@@ -363,11 +363,8 @@ impl FillJob {
 
     fn leave_map(&self) {
         let mut fills = self.cache.fills.lock().unwrap_or_else(|p| p.into_inner());
-        let ours = match (fills.get(&self.digest), self.fill.upgrade()) {
-            (Some(f), Some(mine)) => Arc::ptr_eq(f, &mine),
-            (Some(_), None) => false,
-            (None, _) => false,
-        };
+        let ours =
+            fills.get(&self.digest).zip(self.fill.upgrade()).is_some_and(|(f, mine)| Arc::ptr_eq(f, &mine));
         if ours {
             fills.remove(&self.digest);
         }
