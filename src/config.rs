@@ -63,8 +63,8 @@ pub struct Config {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// An HTTP/1 request's head must arrive within this; the wait for the next request
-    /// on a kept-alive connection counts too.
+    /// An HTTP/1 request's head must arrive whole within this of its first byte (the wait
+    /// for that byte is `idle_timeout`'s).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// A connection with no request in flight and none started for this long is closed

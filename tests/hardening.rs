@@ -88,6 +88,7 @@ async fn slow_header_clients_are_cut_off_while_a_normal_client_is_served() {
         }
     }
     assert_eq!(cut, 300, "every slow-header connection was closed by the server");
+    assert_eq!(w.metric("wharf_connections_closed_total", &[("reason", "header_timeout")]).await, 300.0);
 }
 
 #[tokio::test]

@@ -79,14 +79,14 @@ fn connection_cap(cfg: &ServerConfig) -> usize {
     }
 }
 
-/// The connection builder with the configured limits: HTTP/1 header timeout and size,
-/// HTTP/2 stream, header-list and keep-alive limits.
+/// The connection builder with the configured limits: HTTP/1 head size, HTTP/2 stream,
+/// header-list and keep-alive limits.
 fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     let header_bytes = cfg.max_header_bytes.0 as usize;
     b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
+        // No hyper timer on HTTP/1: it costs a timer reset per request; the watchdog
+        // bounds the time to a request head instead.
         // The read buffer holds a request head (wharf reads no request bodies): a head
         // that does not fit is answered 431 and the connection closed.
         .max_buf_size(header_bytes.max(8192));
@@ -259,6 +259,9 @@ struct Activity {
     /// Chunks clients took (a response was asked for its next chunk after handing one out).
     taken: AtomicU64,
     written: AtomicU64,
+    /// Reads that returned data: a head is arriving when this moves with no request in
+    /// flight and none started.
+    reads: AtomicU64,
     /// HTTP/2: its pings write bytes whether or not a client reads, so only `taken`
     /// shows progress there.
     h2: std::sync::atomic::AtomicBool,
@@ -268,14 +271,17 @@ struct Activity {
 #[derive(Debug, Clone, Copy)]
 enum Closed {
     Idle,
+    HeaderTimeout,
     WriteTimeout,
 }
 
 /// Resolves when the connection has had no request and no response in flight for
-/// `idle`, or when a response has waited `write` for its client to take anything: on
+/// `idle`; when an HTTP/1 request head has been arriving for longer than `head` (slow
+/// headers); or when a response has waited `write` for its client to take anything: on
 /// HTTP/1 a byte written (a mapped chunk is megabytes), on HTTP/2 a chunk taken.
-async fn watchdog(act: &Activity, idle: Duration, write: Duration) -> Closed {
-    let tick = (idle.min(write) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+async fn watchdog(act: &Activity, limits: &ServerConfig) -> Closed {
+    let (idle, write, head) = (limits.idle_timeout, limits.write_timeout, limits.header_read_timeout);
+    let tick = (idle.min(write).min(head) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     let progress = || {
         let taken = act.taken.load(Ordering::Relaxed);
         if act.h2.load(Ordering::Relaxed) {
@@ -285,14 +291,26 @@ async fn watchdog(act: &Activity, idle: Duration, write: Duration) -> Closed {
         }
     };
     let (mut requests, mut written) = (act.requests.load(Ordering::Relaxed), progress());
+    let mut reads = act.reads.load(Ordering::Relaxed);
     let (mut idle_since, mut write_since) = (tokio::time::Instant::now(), tokio::time::Instant::now());
+    let mut head_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::time::sleep(tick).await;
         let now = tokio::time::Instant::now();
         let (r, w) = (act.requests.load(Ordering::Relaxed), progress());
-        if r != requests || act.in_flight.load(Ordering::Relaxed) > 0 {
+        let rd = act.reads.load(Ordering::Relaxed);
+        let busy = act.in_flight.load(Ordering::Relaxed) > 0;
+        if r != requests || busy {
             requests = r;
             idle_since = now;
+            reads = rd;
+            head_since = None;
+        } else if rd != reads && !act.h2.load(Ordering::Relaxed) {
+            // Bytes came in and no request has: part of a head (HTTP/2 reads pings).
+            let since = *head_since.get_or_insert(now);
+            if now - since >= head {
+                return Closed::HeaderTimeout;
+            }
         }
         if w != written || act.awaiting_client.load(Ordering::Relaxed) == 0 {
             written = w;
@@ -319,7 +337,11 @@ impl<I: hyper::rt::Read + Unpin> hyper::rt::Read for Watched<I> {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &r {
+            self.act.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 }
 
@@ -465,7 +487,7 @@ async fn serve_connection<I>(
         let st = state.clone();
         async move {
             let resp = api::handle(st, req, peer.ip()).await;
-            Ok::<_, Infallible>(resp.map(|b| http_body_util::BodyExt::boxed_unsync(Tracked::new(b, flight))))
+            Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, flight)))
         }
     });
     let served = watcher.watch(builder.serve_connection(io, svc));
@@ -474,9 +496,13 @@ async fn serve_connection<I>(
         res = served => if let Err(e) = res {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         },
-        why = watchdog(&act, limits.idle_timeout, limits.write_timeout) => {
+        why = watchdog(&act, limits) => {
             tracing::debug!(%peer, reason = ?why, "connection closed");
-            let label = match why { Closed::Idle => "idle", Closed::WriteTimeout => "write_timeout" };
+            let label = match why {
+                Closed::Idle => "idle",
+                Closed::HeaderTimeout => "header_timeout",
+                Closed::WriteTimeout => "write_timeout",
+            };
             metrics.connections_closed.with_label_values(&[label]).inc();
         }
     }
