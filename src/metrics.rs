@@ -63,6 +63,8 @@ pub struct Metrics {
     pub connection_limit: IntGauge,
     /// Connections closed by the server, by reason (idle, write_timeout).
     pub connections_closed: IntCounterVec,
+    /// Idle HTTP/1 connections that gave their buffers back until their client sent again.
+    pub connections_hibernated: IntCounter,
     /// Failed downstream authentications and refusals, by reason (missing, malformed,
     /// unknown_user, bad_password, forbidden, bad_certificate).
     pub auth_failures: IntCounterVec,
@@ -127,6 +129,10 @@ impl Metrics {
                 "wharf_connections_closed_total",
                 "Connections closed by the server, by reason",
                 &["reason"],
+            ),
+            connections_hibernated: r.counter(
+                "wharf_connections_hibernated_total",
+                "Idle HTTP/1 connections that released their buffers until the client sent again",
             ),
             auth_failures: r.counter_vec(
                 "wharf_auth_failures_total",

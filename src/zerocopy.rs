@@ -89,11 +89,37 @@ impl Drop for Mapping {
 pub struct Socket {
     tcp: TcpStream,
     regions: Arc<Regions>,
+    /// Bytes read from the connection but not consumed, handed out before the socket's.
+    unread: Bytes,
 }
 
 impl Socket {
     pub fn new(tcp: TcpStream) -> Self {
-        Socket { tcp, regions: Arc::default() }
+        Socket { tcp, regions: Arc::default(), unread: Bytes::new() }
+    }
+
+    /// Puts `bytes` back in front of what the connection sends next.
+    pub fn unread(&mut self, bytes: Bytes) {
+        debug_assert!(self.unread.is_empty(), "unread twice without a read");
+        self.unread = bytes;
+    }
+
+    /// Waits, holding no buffer, until the client has sent something (or closed).
+    pub async fn readable(&self) -> io::Result<()> {
+        if self.unread.is_empty() {
+            self.tcp.readable().await?;
+        }
+        Ok(())
+    }
+
+    /// Copies the first bytes the client sent without consuming them.
+    pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.unread.is_empty() {
+            let n = buf.len().min(self.unread.len());
+            buf[..n].copy_from_slice(&self.unread[..n]);
+            return Ok(n);
+        }
+        self.tcp.peek(buf).await
     }
 
     /// The registry that responses on this connection map their blobs into.
@@ -123,7 +149,13 @@ impl Socket {
 
 impl AsyncRead for Socket {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+        let this = self.get_mut();
+        if !this.unread.is_empty() {
+            let n = buf.remaining().min(this.unread.len());
+            buf.put_slice(&this.unread.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.tcp).poll_read(cx, buf)
     }
 }
 

@@ -124,6 +124,46 @@ async fn idle_keep_alive_connections_are_closed_at_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn a_quiet_keep_alive_connection_hibernates_and_serves_its_next_requests() {
+    let fake = Fake::start().await;
+    let w = Wharf::with_config(&fake_config(&fake, "[admin]\nlisten = \"127.0.0.1:0\"\n"));
+    let mut s = TcpStream::connect(w.addr).await.expect("connect");
+    let get = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n";
+    async fn response(s: &mut TcpStream) -> Vec<u8> {
+        // Heads only: /v2/ answers with a small JSON body sized by Content-Length.
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).await.expect("response head");
+            got.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().expect("length")))
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.expect("response body");
+        got
+    }
+    s.write_all(get).await.expect("request");
+    assert!(response(&mut s).await.starts_with(b"HTTP/1.1 200"));
+    wait_until(10, "the connection to hibernate", || async {
+        (w.metric("wharf_connections_hibernated_total", &[]).await >= 1.0).then_some(())
+    })
+    .await;
+    // Two pipelined requests on the resumed connection, the second split across writes.
+    s.write_all(get).await.expect("request");
+    s.write_all(&get[..10]).await.expect("request");
+    let first = response(&mut s).await;
+    assert!(first.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&first));
+    assert!(!String::from_utf8_lossy(&first).to_ascii_lowercase().contains("connection: close"));
+    s.write_all(&get[10..]).await.expect("request");
+    assert!(response(&mut s).await.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(w.metric("wharf_connections", &[]).await, 1.0, "still one connection");
+}
+
+#[tokio::test]
 async fn the_connection_cap_holds_excess_clients_in_the_backlog_until_a_slot_frees() {
     let fake = Fake::start().await;
     let w = Wharf::with_config(&fake_config(

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -79,17 +80,32 @@ fn connection_cap(cfg: &ServerConfig) -> usize {
     }
 }
 
-/// The connection builder with the configured limits: HTTP/1 head size, HTTP/2 stream,
-/// header-list and keep-alive limits.
-fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    let header_bytes = cfg.max_header_bytes.0 as usize;
-    b.http1()
+/// Connection builders with the configured limits: `auto` for TLS and HTTP/2, `http1`
+/// for plain HTTP/1 connections, which hibernate when idle.
+struct Builders {
+    auto: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+}
+
+impl Builders {
+    fn new(cfg: &ServerConfig) -> Builders {
+        let mut http1 = http1::Builder::new();
         // No hyper timer on HTTP/1: it costs a timer reset per request; the watchdog
         // bounds the time to a request head instead.
         // The read buffer holds a request head (wharf reads no request bodies): a head
         // that does not fit is answered 431 and the connection closed.
-        .max_buf_size(header_bytes.max(8192));
+        http1.max_buf_size((cfg.max_header_bytes.0 as usize).max(8192));
+        Builders { auto: builder(cfg), http1 }
+    }
+}
+
+/// The HTTP/1 and HTTP/2 builder with the configured limits: HTTP/1 head size, HTTP/2
+/// stream, header-list and keep-alive limits.
+fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    let header_bytes = cfg.max_header_bytes.0 as usize;
+    // As [`Builders::new`] sets up HTTP/1.
+    b.http1().max_buf_size(header_bytes.max(8192));
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(cfg.http2_max_concurrent_streams)
@@ -141,7 +157,8 @@ pub async fn serve_with_admin(
     let graceful = GracefulShutdown::new();
     let flusher = tokio::spawn(flush_access_periodically(state.clone()));
     let limits = state.config.server.clone();
-    let builder = builder(&limits);
+    let builders = Arc::new(Builders::new(&limits));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let cap = connection_cap(&limits);
     let slots = Arc::new(Semaphore::new(cap));
     state.metrics.connection_limit.set(cap as i64);
@@ -152,7 +169,8 @@ pub async fn serve_with_admin(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let (state, builder, watcher) = (state.clone(), builder.clone(), graceful.watcher());
+        let (state, builders, watcher) = (state.clone(), builders.clone(), graceful.watcher());
+        let stop = stop_rx.clone();
         let acceptor = tls.as_ref().map(|(a, _)| a.clone());
         let limits = limits.clone();
         tokio::spawn(async move {
@@ -161,40 +179,45 @@ pub async fn serve_with_admin(
             let conn = Conn { peer, cert_user: None, limits: &limits, _open: open };
             match acceptor {
                 None => {
-                    let socket = zerocopy::Socket::new(stream);
-                    let regions = Some(socket.regions());
-                    serve_connection(&builder, TokioIo::new(socket), state, watcher, conn, regions).await
+                    serve_plain(&builders, zerocopy::Socket::new(stream), state, watcher, conn, stop).await
                 }
+                // Boxed: a plain connection's task stays small while it hibernates.
                 Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => {
-                            let cert_user = tls::client_user(s.get_ref().1);
-                            let conn = Conn { cert_user, ..conn };
-                            serve_connection(&builder, TokioIo::new(s), state, watcher, conn, None).await
-                        }
-                        Ok(Err(e)) => {
-                            let rustls_error = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-                            let bad_cert = matches!(
-                                rustls_error,
-                                Some(
-                                    rustls::Error::InvalidCertificate(_)
-                                        | rustls::Error::NoCertificatesPresented
-                                )
-                            );
-                            if bad_cert {
-                                state.metrics.auth_failures.with_label_values(&["bad_certificate"]).inc();
-                                tracing::info!(%peer, error = %e, "client certificate refused");
-                            } else {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    Box::pin(async move {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => {
+                                let cert_user = tls::client_user(s.get_ref().1);
+                                let conn = Conn { cert_user, ..conn };
+                                serve_connection(&builders.auto, TokioIo::new(s), state, watcher, conn, None)
+                                    .await
                             }
+                            Ok(Err(e)) => {
+                                let rustls_error =
+                                    e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+                                let bad_cert = matches!(
+                                    rustls_error,
+                                    Some(
+                                        rustls::Error::InvalidCertificate(_)
+                                            | rustls::Error::NoCertificatesPresented
+                                    )
+                                );
+                                if bad_cert {
+                                    state.metrics.auth_failures.with_label_values(&["bad_certificate"]).inc();
+                                    tracing::info!(%peer, error = %e, "client certificate refused");
+                                } else {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                }
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                         }
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
+                    })
+                    .await
                 }
             }
         });
     }
     drop(listener);
+    let _ = stop_tx.send(true);
     flusher.abort();
     if let Some(a) = admin {
         a.abort();
@@ -267,21 +290,43 @@ struct Activity {
     h2: std::sync::atomic::AtomicBool,
 }
 
-/// Why a connection was closed by its watchdog.
+/// What a connection's watchdog saw.
 #[derive(Debug, Clone, Copy)]
 enum Closed {
     Idle,
     HeaderTimeout,
     WriteTimeout,
+    /// An HTTP/1 connection with nothing in flight and nothing arriving since `.0`: it can
+    /// give its buffers back until the client sends again.
+    Hibernate(tokio::time::Instant),
 }
+
+impl Closed {
+    fn count(self, metrics: &crate::metrics::Metrics) {
+        let label = match self {
+            Closed::Idle => "idle",
+            Closed::HeaderTimeout => "header_timeout",
+            Closed::WriteTimeout => "write_timeout",
+            Closed::Hibernate(_) => return,
+        };
+        metrics.connections_closed.with_label_values(&[label]).inc();
+    }
+}
+
+/// How long an HTTP/1 connection stays quiet before it hibernates.
+const HIBERNATE_AFTER: Duration = Duration::from_secs(1);
 
 /// Resolves when the connection has had no request and no response in flight for
 /// `idle`; when an HTTP/1 request head has been arriving for longer than `head` (slow
 /// headers); or when a response has waited `write` for its client to take anything: on
-/// HTTP/1 a byte written (a mapped chunk is megabytes), on HTTP/2 a chunk taken.
-async fn watchdog(act: &Activity, limits: &ServerConfig) -> Closed {
+/// HTTP/1 a byte written (a mapped chunk is megabytes), on HTTP/2 a chunk taken. With
+/// `hibernate`, also once the connection has been quiet for [`HIBERNATE_AFTER`].
+async fn watchdog(act: &Activity, limits: &ServerConfig, hibernate: bool) -> Closed {
     let (idle, write, head) = (limits.idle_timeout, limits.write_timeout, limits.header_read_timeout);
-    let tick = (idle.min(write).min(head) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut tick = (idle.min(write).min(head) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    if hibernate {
+        tick = tick.min(HIBERNATE_AFTER);
+    }
     let progress = || {
         let taken = act.taken.load(Ordering::Relaxed);
         if act.h2.load(Ordering::Relaxed) {
@@ -311,6 +356,8 @@ async fn watchdog(act: &Activity, limits: &ServerConfig) -> Closed {
             if now - since >= head {
                 return Closed::HeaderTimeout;
             }
+        } else if hibernate && head_since.is_none() && now - idle_since >= HIBERNATE_AFTER {
+            return Closed::Hibernate(idle_since);
         }
         if w != written || act.awaiting_client.load(Ordering::Relaxed) == 0 {
             written = w;
@@ -453,13 +500,54 @@ impl Drop for Tracked {
     }
 }
 
+/// What the per-connection service returns: boxed, so that an HTTP/1 connection can be
+/// polled without shutting its socket down (hyper wants an `Unpin` future for that).
+type Answer = Pin<Box<dyn Future<Output = Result<hyper::Response<Tracked>, Infallible>> + Send>>;
+
+/// The service for one connection: each request is marked on the watchdog's [`Activity`]
+/// and its response body tracked until dropped.
+fn service(
+    state: AppState,
+    act: Arc<Activity>,
+    peer: std::net::SocketAddr,
+    cert_user: Option<Arc<str>>,
+    zerocopy: Option<Arc<zerocopy::Regions>>,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<Tracked>,
+    Error = Infallible,
+    Future = Answer,
+> + Clone
+       + Unpin {
+    service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| -> Answer {
+        if let Some(z) = &zerocopy {
+            req.extensions_mut().insert(z.clone());
+        }
+        if let Some(u) = &cert_user {
+            req.extensions_mut().insert(api::ClientCert(u.clone()));
+        }
+        act.requests.fetch_add(1, Ordering::Relaxed);
+        if req.version() == http::Version::HTTP_2 {
+            act.h2.store(true, Ordering::Relaxed);
+        }
+        // Counted out when the body is dropped, whether sent, failed or cancelled (or
+        // when the request is dropped before it has a response).
+        let flight = InFlight::new(act.clone());
+        let st = state.clone();
+        Box::pin(async move {
+            let resp = api::handle(st, req, peer.ip()).await;
+            Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, flight)))
+        })
+    })
+}
+
 /// HTTP/1.1 or HTTP/2 (by ALPN, or the h2c preface) on one connection, closed by its
 /// watchdog when idle or when its client stops reading.
 async fn serve_connection<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     state: AppState,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: Watcher,
     conn: Conn<'_>,
     zerocopy: Option<Arc<zerocopy::Regions>>,
 ) where
@@ -467,45 +555,156 @@ async fn serve_connection<I>(
 {
     let act = Arc::new(Activity::default());
     let io = Watched { io, act: act.clone() };
-    let (peer, cert_user) = (conn.peer, conn.cert_user.clone());
-    let a = act.clone();
-    let metrics = state.metrics.clone();
-    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        if let Some(z) = &zerocopy {
-            req.extensions_mut().insert(z.clone());
-        }
-        if let Some(u) = &cert_user {
-            req.extensions_mut().insert(api::ClientCert(u.clone()));
-        }
-        a.requests.fetch_add(1, Ordering::Relaxed);
-        if req.version() == http::Version::HTTP_2 {
-            a.h2.store(true, Ordering::Relaxed);
-        }
-        // Counted out when the body is dropped, whether sent, failed or cancelled (or
-        // when the request is dropped before it has a response).
-        let flight = InFlight::new(a.clone());
-        let st = state.clone();
-        async move {
-            let resp = api::handle(st, req, peer.ip()).await;
-            Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, flight)))
-        }
-    });
+    let peer = conn.peer;
+    let svc = service(state.clone(), act.clone(), peer, conn.cert_user.clone(), zerocopy);
     let served = watcher.watch(builder.serve_connection(io, svc));
-    let limits = conn.limits;
     tokio::select! {
         res = served => if let Err(e) = res {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         },
-        why = watchdog(&act, limits) => {
+        why = watchdog(&act, conn.limits, false) => {
             tracing::debug!(%peer, reason = ?why, "connection closed");
-            let label = match why {
-                Closed::Idle => "idle",
-                Closed::HeaderTimeout => "header_timeout",
-                Closed::WriteTimeout => "write_timeout",
-            };
-            metrics.connections_closed.with_label_values(&[label]).inc();
+            why.count(&state.metrics);
         }
     }
+}
+
+/// A plain-TCP connection. HTTP/2 with prior knowledge goes to [`serve_connection`]. An
+/// HTTP/1 connection hibernates when quiet: hyper's connection state (an 8 KiB read and an
+/// 8 KiB header-write buffer that it keeps for the life of a connection) is taken apart,
+/// and the bare socket is waited on until the client sends again. Idle keep-alive
+/// connections then cost little more than their socket; the first bytes of a new
+/// connection are waited for the same way.
+async fn serve_plain(
+    builders: &Builders,
+    mut socket: zerocopy::Socket,
+    state: AppState,
+    watcher: Watcher,
+    conn: Conn<'_>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let (limits, peer) = (conn.limits, conn.peer);
+    let act = Arc::new(Activity::default());
+    let regions = socket.regions();
+    let svc = service(state.clone(), act.clone(), peer, None, Some(regions.clone()));
+    let mut idle_since = tokio::time::Instant::now();
+    let mut first = true;
+    loop {
+        tokio::select! {
+            r = socket.readable() => if r.is_err() {
+                return;
+            },
+            _ = tokio::time::sleep_until(idle_since + limits.idle_timeout) => {
+                tracing::debug!(%peer, reason = ?Closed::Idle, "connection closed");
+                Closed::Idle.count(&state.metrics);
+                return;
+            }
+            _ = stop.changed() => return,
+        }
+        if first {
+            first = false;
+            // Readiness can be spurious: peek, which waits for a byte, under the same bound.
+            let mut head = [0u8; 4];
+            let peeked = tokio::select! {
+                r = socket.peek(&mut head) => r,
+                _ = tokio::time::sleep_until(idle_since + limits.idle_timeout) => {
+                    tracing::debug!(%peer, reason = ?Closed::Idle, "connection closed");
+                    Closed::Idle.count(&state.metrics);
+                    return;
+                }
+                _ = stop.changed() => return,
+            };
+            match peeked {
+                Ok(0) | Err(_) => return,
+                // HTTP/2's preface, or too few bytes yet to tell: hyper decides.
+                Ok(n) if b"PRI ".starts_with(&head[..n]) => {
+                    let io = TokioIo::new(socket);
+                    let h2c = serve_connection(&builders.auto, io, state, watcher, conn, Some(regions));
+                    return Box::pin(h2c).await;
+                }
+                Ok(_) => {}
+            }
+        }
+        // Boxed: the hyper connection's state is allocated while the connection is
+        // active and freed while it hibernates.
+        let active = Box::pin(serve_http1(builders, socket, &svc, &act, &conn, &state.metrics, &mut stop));
+        match active.await {
+            Some((resumed, since)) => {
+                socket = resumed;
+                idle_since = since;
+            }
+            None => return,
+        }
+        // Counted in graceful shutdown while this connection lives.
+        let _ = &watcher;
+    }
+}
+
+/// Serves HTTP/1 on `socket` until the connection closes (`None`) or hibernates: then the
+/// socket comes back, with what the client had already sent put back in front, and the
+/// time it went quiet.
+async fn serve_http1<S>(
+    builders: &Builders,
+    socket: zerocopy::Socket,
+    svc: &S,
+    act: &Arc<Activity>,
+    conn: &Conn<'_>,
+    metrics: &crate::metrics::Metrics,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<(zerocopy::Socket, tokio::time::Instant)>
+where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<Tracked>,
+            Error = Infallible,
+            Future = Answer,
+        > + Clone
+        + Unpin,
+{
+    let (limits, peer) = (conn.limits, conn.peer);
+    let io = Watched { io: TokioIo::new(socket), act: act.clone() };
+    let mut http = builders.http1.serve_connection(io, svc.clone());
+    let watch = watchdog(act, limits, true);
+    tokio::pin!(watch);
+    // Requests started when hibernation was decided: a request that slipped in between
+    // is answered with `Connection: close`, and the connection is not resumed.
+    let mut hibernating: Option<(u64, tokio::time::Instant)> = None;
+    let mut stopping = false;
+    let done = loop {
+        tokio::select! {
+            r = std::future::poll_fn(|cx| http.poll_without_shutdown(cx)) => break r,
+            why = &mut watch, if hibernating.is_none() => match why {
+                Closed::Hibernate(since) => {
+                    hibernating = Some((act.requests.load(Ordering::Relaxed), since));
+                    Pin::new(&mut http).graceful_shutdown();
+                }
+                why => {
+                    tracing::debug!(%peer, reason = ?why, "connection closed");
+                    why.count(metrics);
+                    return None;
+                }
+            },
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                Pin::new(&mut http).graceful_shutdown();
+            }
+        }
+    };
+    if let Err(e) = done {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+        return None;
+    }
+    let since = match hibernating {
+        Some((n, since)) if !stopping && n == act.requests.load(Ordering::Relaxed) => since,
+        _ => return None,
+    };
+    metrics.connections_hibernated.inc();
+    let parts = http.into_parts();
+    let mut socket = parts.io.io.into_inner();
+    if !parts.read_buf.is_empty() {
+        socket.unread(parts.read_buf);
+    }
+    Some((socket, since))
 }
 
 /// Background upkeep: batched last-access times and analytics counts go to disk every
