@@ -320,8 +320,15 @@ const HIBERNATE_AFTER: Duration = Duration::from_secs(1);
 /// `idle`; when an HTTP/1 request head has been arriving for longer than `head` (slow
 /// headers); or when a response has waited `write` for its client to take anything: on
 /// HTTP/1 a byte written (a mapped chunk is megabytes), on HTTP/2 a chunk taken. With
-/// `hibernate`, also once the connection has been quiet for [`HIBERNATE_AFTER`].
-async fn watchdog(act: &Activity, limits: &ServerConfig, hibernate: bool) -> Closed {
+/// `hibernate`, also once the connection has been quiet for [`HIBERNATE_AFTER`]. The
+/// connection counts as quiet since `quiet_since` until a request arrives (a hibernated
+/// connection woken by spurious readiness keeps its idle clock).
+async fn watchdog(
+    act: &Activity,
+    limits: &ServerConfig,
+    hibernate: bool,
+    quiet_since: tokio::time::Instant,
+) -> Closed {
     let (idle, write, head) = (limits.idle_timeout, limits.write_timeout, limits.header_read_timeout);
     let mut tick = (idle.min(write).min(head) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     if hibernate {
@@ -337,7 +344,7 @@ async fn watchdog(act: &Activity, limits: &ServerConfig, hibernate: bool) -> Clo
     };
     let (mut requests, mut written) = (act.requests.load(Ordering::Relaxed), progress());
     let mut reads = act.reads.load(Ordering::Relaxed);
-    let (mut idle_since, mut write_since) = (tokio::time::Instant::now(), tokio::time::Instant::now());
+    let (mut idle_since, mut write_since) = (quiet_since, tokio::time::Instant::now());
     let mut head_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::time::sleep(tick).await;
@@ -562,7 +569,7 @@ async fn serve_connection<I>(
         res = served => if let Err(e) = res {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         },
-        why = watchdog(&act, conn.limits, false) => {
+        why = watchdog(&act, conn.limits, false, tokio::time::Instant::now()) => {
             tracing::debug!(%peer, reason = ?why, "connection closed");
             why.count(&state.metrics);
         }
@@ -627,7 +634,8 @@ async fn serve_plain(
         }
         // Boxed: the hyper connection's state is allocated while the connection is
         // active and freed while it hibernates.
-        let active = Box::pin(serve_http1(builders, socket, &svc, &act, &conn, &state.metrics, &mut stop));
+        let active =
+            Box::pin(serve_http1(builders, socket, &svc, &act, &conn, &state.metrics, &mut stop, idle_since));
         match active.await {
             Some((resumed, since)) => {
                 socket = resumed;
@@ -643,6 +651,8 @@ async fn serve_plain(
 /// Serves HTTP/1 on `socket` until the connection closes (`None`) or hibernates: then the
 /// socket comes back, with what the client had already sent put back in front, and the
 /// time it went quiet.
+// The pieces of one connection's state that outlive its hyper connection, passed apart.
+#[allow(clippy::too_many_arguments)]
 async fn serve_http1<S>(
     builders: &Builders,
     socket: zerocopy::Socket,
@@ -651,6 +661,7 @@ async fn serve_http1<S>(
     conn: &Conn<'_>,
     metrics: &crate::metrics::Metrics,
     stop: &mut tokio::sync::watch::Receiver<bool>,
+    quiet_since: tokio::time::Instant,
 ) -> Option<(zerocopy::Socket, tokio::time::Instant)>
 where
     S: hyper::service::Service<
@@ -664,7 +675,7 @@ where
     let (limits, peer) = (conn.limits, conn.peer);
     let io = Watched { io: TokioIo::new(socket), act: act.clone() };
     let mut http = builders.http1.serve_connection(io, svc.clone());
-    let watch = watchdog(act, limits, true);
+    let watch = watchdog(act, limits, true, quiet_since);
     tokio::pin!(watch);
     // Requests started when hibernation was decided: a request that slipped in between
     // is answered with `Connection: close`, and the connection is not resumed.
