@@ -581,7 +581,8 @@ async fn serve_connection<I>(
 /// 8 KiB header-write buffer that it keeps for the life of a connection) is taken apart,
 /// and the bare socket is waited on until the client sends again. Idle keep-alive
 /// connections then cost little more than their socket; the first bytes of a new
-/// connection are waited for the same way.
+/// connection are waited for the same way. `watcher` is held, not used, so graceful
+/// shutdown counts the connection while it lives.
 async fn serve_plain(
     builders: &Builders,
     mut socket: zerocopy::Socket,
@@ -597,40 +598,34 @@ async fn serve_plain(
     let mut idle_since = tokio::time::Instant::now();
     let mut first = true;
     loop {
-        tokio::select! {
-            r = socket.readable() => if r.is_err() {
-                return;
-            },
+        // Waits for the client's next bytes holding no buffer. A new connection peeks,
+        // which waits for a byte (readiness can be spurious) and shows HTTP/2's preface.
+        let mut head = [0u8; 4];
+        let arrived = async {
+            if first {
+                socket.peek(&mut head).await
+            } else {
+                socket.readable().await.map(|()| head.len())
+            }
+        };
+        let arrived = tokio::select! {
+            r = arrived => r,
             _ = tokio::time::sleep_until(idle_since + limits.idle_timeout) => {
                 tracing::debug!(%peer, reason = ?Closed::Idle, "connection closed");
                 Closed::Idle.count(&state.metrics);
                 return;
             }
             _ = stop.changed() => return,
-        }
-        if first {
-            first = false;
-            // Readiness can be spurious: peek, which waits for a byte, under the same bound.
-            let mut head = [0u8; 4];
-            let peeked = tokio::select! {
-                r = socket.peek(&mut head) => r,
-                _ = tokio::time::sleep_until(idle_since + limits.idle_timeout) => {
-                    tracing::debug!(%peer, reason = ?Closed::Idle, "connection closed");
-                    Closed::Idle.count(&state.metrics);
-                    return;
-                }
-                _ = stop.changed() => return,
-            };
-            match peeked {
-                Ok(0) | Err(_) => return,
-                // HTTP/2's preface, or too few bytes yet to tell: hyper decides.
-                Ok(n) if b"PRI ".starts_with(&head[..n]) => {
-                    let io = TokioIo::new(socket);
-                    let h2c = serve_connection(&builders.auto, io, state, watcher, conn, Some(regions));
-                    return Box::pin(h2c).await;
-                }
-                Ok(_) => {}
+        };
+        match arrived {
+            Ok(0) | Err(_) => return,
+            // HTTP/2's preface, or too few bytes yet to tell: hyper decides.
+            Ok(n) if first && b"PRI ".starts_with(&head[..n]) => {
+                let io = TokioIo::new(socket);
+                let h2c = serve_connection(&builders.auto, io, state, watcher, conn, Some(regions));
+                return Box::pin(h2c).await;
             }
+            Ok(_) => first = false,
         }
         // Boxed: the hyper connection's state is allocated while the connection is
         // active and freed while it hibernates.
@@ -643,8 +638,6 @@ async fn serve_plain(
             }
             None => return,
         }
-        // Counted in graceful shutdown while this connection lives.
-        let _ = &watcher;
     }
 }
 
