@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use sha2::{Digest as _, Sha256};
+use sha2::{Digest as _, Sha256, Sha512};
 
 /// OCI image index media type.
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -30,42 +30,136 @@ pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 /// Longest repository name accepted (with the upstream prefix, clients limit it to 255).
 const MAX_NAME_LEN: usize = 255;
 
-/// A validated `sha256:<64 lowercase hex>` digest. Other algorithms are refused.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Digest {
-    hex: String,
+/// A digest algorithm the image-spec registers: sha256 (what everything uses) and sha512.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Algorithm {
+    Sha256,
+    Sha512,
 }
 
-impl Digest {
-    /// Parses `sha256:<hex>`.
-    pub fn parse(s: &str) -> Option<Digest> {
-        let hex = s.strip_prefix("sha256:")?;
-        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            Some(Digest { hex: hex.to_owned() })
-        } else {
-            None
+impl Algorithm {
+    /// The name in a digest string and in the storage tree (`blobs/<name>/…`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Sha512 => "sha512",
         }
     }
 
-    /// The digest of `bytes`.
+    /// Hex characters of an encoded digest.
+    pub fn hex_len(self) -> usize {
+        match self {
+            Algorithm::Sha256 => 64,
+            Algorithm::Sha512 => 128,
+        }
+    }
+
+    pub const ALL: [Algorithm; 2] = [Algorithm::Sha256, Algorithm::Sha512];
+}
+
+/// A validated `sha256:<64 lowercase hex>` or `sha512:<128 lowercase hex>` digest. Other
+/// algorithms are refused.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest {
+    algorithm: Algorithm,
+    hex: String,
+}
+
+/// A running hash in a digest's algorithm.
+#[derive(Clone)]
+pub enum Hasher {
+    Sha256(Sha256),
+    Sha512(Sha512),
+}
+
+impl Hasher {
+    pub fn new(a: Algorithm) -> Hasher {
+        match a {
+            Algorithm::Sha256 => Hasher::Sha256(Sha256::new()),
+            Algorithm::Sha512 => Hasher::Sha512(Sha512::new()),
+        }
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(bytes),
+            Hasher::Sha512(h) => h.update(bytes),
+        }
+    }
+
+    pub fn finish(self) -> Digest {
+        match self {
+            Hasher::Sha256(h) => Digest { algorithm: Algorithm::Sha256, hex: hex::encode(h.finalize()) },
+            Hasher::Sha512(h) => Digest { algorithm: Algorithm::Sha512, hex: hex::encode(h.finalize()) },
+        }
+    }
+}
+
+fn lower_hex(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl Digest {
+    /// Parses `sha256:<hex>` or `sha512:<hex>`.
+    pub fn parse(s: &str) -> Option<Digest> {
+        let (alg, hex) = s.split_once(':')?;
+        let algorithm = match alg {
+            "sha256" => Algorithm::Sha256,
+            "sha512" => Algorithm::Sha512,
+            _ => return None,
+        };
+        (hex.len() == algorithm.hex_len() && lower_hex(hex))
+            .then(|| Digest { algorithm, hex: hex.to_owned() })
+    }
+
+    /// A digest from its hex alone, as the index and the tree name them: the length tells
+    /// the algorithm (64 for sha256, 128 for sha512).
+    pub fn from_hex(hex: &str) -> Option<Digest> {
+        let algorithm = Algorithm::ALL.into_iter().find(|a| a.hex_len() == hex.len())?;
+        lower_hex(hex).then(|| Digest { algorithm, hex: hex.to_owned() })
+    }
+
+    /// The sha256 digest of `bytes` (what a tag's manifest is named by).
     pub fn of(bytes: &[u8]) -> Digest {
-        Digest::from_hasher(Sha256::new_with_prefix(bytes))
+        Digest::of_with(Algorithm::Sha256, bytes)
     }
 
-    /// The digest a finished hasher computed.
-    pub fn from_hasher(hasher: Sha256) -> Digest {
-        Digest { hex: hex::encode(hasher.finalize()) }
+    /// The digest of `bytes` in algorithm `a`.
+    pub fn of_with(a: Algorithm, bytes: &[u8]) -> Digest {
+        let mut h = Hasher::new(a);
+        h.update(bytes);
+        h.finish()
     }
 
-    /// The 64 hex characters.
+    /// Whether `bytes` are what this digest names.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        Digest::of_with(self.algorithm, bytes) == *self
+    }
+
+    /// A hasher in this digest's algorithm, to verify bytes as they stream.
+    pub fn hasher(&self) -> Hasher {
+        Hasher::new(self.algorithm)
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The hex characters (64 or 128).
     pub fn hex(&self) -> &str {
         &self.hex
+    }
+
+    /// The referrers tag schema's tag for this digest: `<alg>-<hex>`, the hex cut to 64
+    /// characters so a sha512 tag stays within the 128-character tag limit.
+    pub fn fallback_tag(&self) -> Tag {
+        Tag(format!("{}-{}", self.algorithm.as_str(), &self.hex[..64]))
     }
 }
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", self.hex)
+        write!(f, "{}:{}", self.algorithm.as_str(), self.hex)
     }
 }
 
@@ -316,7 +410,15 @@ mod tests {
         assert!(Digest::parse(&format!("sha256:{hex}")).is_some());
         assert!(Digest::parse(&format!("sha256:{}", "A".repeat(64))).is_none());
         assert!(Digest::parse(&format!("sha256:{}", "a".repeat(63))).is_none());
-        assert!(Digest::parse(&format!("sha512:{hex}")).is_none());
+        assert!(Digest::parse(&format!("sha512:{hex}")).is_none(), "sha512 needs 128 hex");
+        let hex128 = "b".repeat(128);
+        let d512 = Digest::parse(&format!("sha512:{hex128}")).expect("sha512 parses");
+        assert_eq!(d512.algorithm(), Algorithm::Sha512);
+        assert_eq!(Digest::from_hex(&hex128), Some(d512.clone()));
+        assert_eq!(d512.fallback_tag().as_str().len(), 7 + 64);
+        assert!(Digest::parse(&format!("sha384:{}", "a".repeat(96))).is_none());
+        assert!(Digest::parse(&format!("md5:{}", "a".repeat(32))).is_none());
+        assert!(Digest::from_hex(&"a".repeat(63)).is_none());
         assert!(Digest::parse(&format!("sha256:../{}", "a".repeat(61))).is_none());
         assert!(Tag::parse("latest").is_some());
         assert!(Tag::parse("_x.Y-1").is_some());
@@ -327,6 +429,9 @@ mod tests {
             Digest::of(b"").to_string(),
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+        let e512 = Digest::of_with(Algorithm::Sha512, b"");
+        assert!(e512.to_string().starts_with("sha512:cf83e1357eefb8bdf1542850d66d8007"));
+        assert!(e512.matches(b"") && !e512.matches(b"x"));
     }
 
     #[test]

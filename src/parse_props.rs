@@ -82,15 +82,18 @@ proptest! {
     }
 
     #[test]
-    fn digests_round_trip_and_only_lowercase_sha256_parses(s in prop_oneof![
+    fn digests_round_trip_and_only_lowercase_sha256_or_sha512_parses(s in prop_oneof![
         any::<String>(),
         hex64().prop_map(|h| format!("sha256:{h}")),
         near(80),
-        proptest::string::string_regex("sha(256|512):[0-9a-fA-F]{60,130}").expect("regex"),
+        proptest::string::string_regex("sha(256|384|512):[0-9a-fA-F]{60,130}").expect("regex"),
     ]) {
         if let Some(d) = Digest::parse(&s) {
             prop_assert_eq!(d.to_string(), s.clone());
-            prop_assert!(d.hex().len() == 64 && d.hex().bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            let want = if s.starts_with("sha256:") { 64 } else { 128 };
+            prop_assert!(s.starts_with("sha256:") || s.starts_with("sha512:"));
+            prop_assert!(d.hex().len() == want && d.hex().bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            prop_assert_eq!(Digest::from_hex(d.hex()), Some(d.clone()));
         }
     }
 

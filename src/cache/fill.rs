@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
-use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::oci::{Digest, RepoName};
@@ -481,7 +480,7 @@ impl FillJob {
         self.tx.send_replace(FillState::Streaming { size, written: 0 });
         let mut stream = resp.bytes_stream();
         let mut written = 0u64;
-        let mut sink = Some((file, Sha256::new()));
+        let mut sink = Some((file, self.digest.hasher()));
         loop {
             let first = match stream.next().await {
                 None => break,
@@ -544,7 +543,7 @@ impl FillJob {
             self.tx.send_replace(FillState::Streaming { size, written });
         }
         let (f, h) = sink.ok_or_else(|| CacheError::Internal("spool lost".into()))?;
-        let got = Digest::from_hasher(h);
+        let got = h.finish();
         if got != self.digest {
             return Err(CacheError::DigestMismatch { want: self.digest.clone(), got });
         }

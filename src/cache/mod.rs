@@ -380,7 +380,7 @@ impl Cache {
         d: &Digest,
     ) -> Result<(), CacheError> {
         let m = up.get_manifest(name, &d.to_string()).await?;
-        let got = Digest::of(&m.bytes);
+        let got = Digest::of_with(d.algorithm(), &m.bytes);
         if got != *d {
             self.metrics.digest_mismatch.with_label_values(&[&up.name]).inc();
             tracing::warn!(upstream = %up.name, repository = %name, want = %d, got = %got, "manifest does not match its digest; not cached");

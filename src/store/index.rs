@@ -121,7 +121,7 @@ impl Index {
         self.blobs.iter().filter_map(|kv| match kv {
             Err(e) => Some(Err(e)),
             Ok((k, v)) => {
-                let d = std::str::from_utf8(&k).ok().and_then(|h| Digest::parse(&format!("sha256:{h}")))?;
+                let d = std::str::from_utf8(&k).ok().and_then(|h| Digest::from_hex(h))?;
                 let m = serde_json::from_slice::<BlobMeta>(&v).ok()?;
                 Some(Ok((d, m)))
             }
@@ -197,9 +197,7 @@ impl Index {
         for kv in self.history.scan_prefix(prefix.as_bytes()) {
             let (k, v) = kv?;
             let hex = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            if let (Some(d), Ok(s)) =
-                (Digest::parse(&format!("sha256:{hex}")), serde_json::from_slice::<Seen>(&v))
-            {
+            if let (Some(d), Ok(s)) = (Digest::from_hex(&hex), serde_json::from_slice::<Seen>(&v)) {
                 out.push((d, s));
             }
         }

@@ -535,7 +535,7 @@ impl Store {
     pub fn manifest_bytes(&self, d: &Digest) -> Result<Option<StoredManifest>, StoreError> {
         let Some(bytes) = self.blobs.read(d)? else { return Ok(None) };
         let bytes = Bytes::from(bytes);
-        if Digest::of(&bytes) != *d {
+        if !d.matches(&bytes) {
             tracing::warn!(digest = %d, "stored manifest does not match its digest; fetching it again");
             return Ok(None);
         }
@@ -710,7 +710,9 @@ impl Store {
         for e in self.index.all_history() {
             let (k, _) = e?;
             if let Some((tag, hex)) = k.rsplit_once('\t') {
-                out.history.entry(tag.replacen('\t', ":", 1)).or_default().push(format!("sha256:{hex}"));
+                if let Some(d) = Digest::from_hex(hex) {
+                    out.history.entry(tag.replacen('\t', ":", 1)).or_default().push(d.to_string());
+                }
             }
         }
         out.history.values_mut().for_each(|v| v.sort());

@@ -2,12 +2,13 @@
 //! stock registry pointed at the data dir serves what wharf cached:
 //!
 //! ```text
-//! docker/registry/v2/blobs/sha256/<2 hex>/<hex>/data
-//! docker/registry/v2/repositories/<upstream>/<name>/_layers/sha256/<hex>/link
-//!                                              /_manifests/revisions/sha256/<hex>/link
+//! docker/registry/v2/blobs/<alg>/<2 hex>/<hex>/data
+//! docker/registry/v2/repositories/<upstream>/<name>/_layers/<alg>/<hex>/link
+//!                                              /_manifests/revisions/<alg>/<hex>/link
 //!                                              /_manifests/tags/<tag>/current/link
-//!                                              /_manifests/tags/<tag>/index/sha256/<hex>/link
+//!                                              /_manifests/tags/<tag>/index/<alg>/<hex>/link
 //! ```
+//! `<alg>` is `sha256` or `sha512`, as distribution writes them.
 //! Every write goes to a temp file under `wharf/tmp` and is renamed into place. Blob and
 //! manifest data is fsynced before the rename, so a crash leaves either no file or the
 //! whole one under a digest's name. Link files are not: they are read through the digest
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::UNIX_EPOCH;
 
-use crate::oci::{Digest, Tag};
+use crate::oci::{Algorithm, Digest, Tag};
 
 use super::backend::{BlobBackend, BlobRead, Listed, Spool};
 use super::RepoKey;
@@ -62,15 +63,15 @@ impl Tree {
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.v2.join("blobs/sha256").join(&d.hex()[..2]).join(d.hex()).join("data")
+        self.blobs_root(d.algorithm()).join(&d.hex()[..2]).join(d.hex()).join("data")
     }
 
     fn repositories(&self) -> PathBuf {
         self.v2.join("repositories")
     }
 
-    fn blobs_root(&self) -> PathBuf {
-        self.v2.join("blobs/sha256")
+    fn blobs_root(&self, a: Algorithm) -> PathBuf {
+        self.v2.join("blobs").join(a.as_str())
     }
 
     fn repo(&self, r: &RepoKey) -> PathBuf {
@@ -78,11 +79,11 @@ impl Tree {
     }
 
     fn layer_link(&self, r: &RepoKey, d: &Digest) -> PathBuf {
-        self.repo(r).join("_layers/sha256").join(d.hex()).join("link")
+        self.repo(r).join("_layers").join(d.algorithm().as_str()).join(d.hex()).join("link")
     }
 
     fn revision_link(&self, r: &RepoKey, d: &Digest) -> PathBuf {
-        self.repo(r).join("_manifests/revisions/sha256").join(d.hex()).join("link")
+        self.repo(r).join("_manifests/revisions").join(d.algorithm().as_str()).join(d.hex()).join("link")
     }
 
     fn tag_current(&self, r: &RepoKey, t: &Tag) -> PathBuf {
@@ -90,7 +91,13 @@ impl Tree {
     }
 
     fn tag_index_link(&self, r: &RepoKey, t: &Tag, d: &Digest) -> PathBuf {
-        self.repo(r).join("_manifests/tags").join(t.as_str()).join("index/sha256").join(d.hex()).join("link")
+        self.repo(r)
+            .join("_manifests/tags")
+            .join(t.as_str())
+            .join("index")
+            .join(d.algorithm().as_str())
+            .join(d.hex())
+            .join("link")
     }
 
     fn new_spool(&self) -> io::Result<(File, PathBuf)> {
@@ -105,13 +112,15 @@ impl Tree {
     pub fn remove_layer_links(&self, digests: &HashSet<&str>) -> io::Result<u64> {
         let mut removed = 0;
         for layers in find_dirs_named(&self.repositories(), "_layers")? {
-            let Ok(entries) = fs::read_dir(layers.join("sha256")) else { continue };
-            for e in entries.flatten() {
-                if digests.contains(e.file_name().to_string_lossy().as_ref()) {
-                    match fs::remove_dir_all(e.path()) {
-                        Ok(()) => removed += 1,
-                        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                        Err(err) => return Err(err),
+            for a in Algorithm::ALL {
+                let Ok(entries) = fs::read_dir(layers.join(a.as_str())) else { continue };
+                for e in entries.flatten() {
+                    if digests.contains(e.file_name().to_string_lossy().as_ref()) {
+                        match fs::remove_dir_all(e.path()) {
+                            Ok(()) => removed += 1,
+                            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                            Err(err) => return Err(err),
+                        }
                     }
                 }
             }
@@ -119,7 +128,7 @@ impl Tree {
         Ok(removed)
     }
 
-    /// Writes a link file (`sha256:<hex>`) atomically, without waiting for the disk.
+    /// Writes a link file (`<alg>:<hex>`) atomically, without waiting for the disk.
     fn write_link(&self, path: &Path, d: &Digest) -> io::Result<()> {
         self.write_atomic(path, d.to_string().as_bytes(), false)
     }
@@ -199,21 +208,23 @@ impl BlobBackend for Tree {
     }
 
     fn list(&self, each: &mut dyn FnMut(Listed)) -> io::Result<()> {
-        let root = self.blobs_root();
-        let Ok(prefixes) = fs::read_dir(&root) else { return Ok(()) };
-        for p in prefixes {
-            let p = p?;
-            let Ok(blobs) = fs::read_dir(p.path()) else { continue };
-            for b in blobs {
-                let b = b?;
-                let name = b.file_name();
-                let Some(d) = name.to_str().and_then(|h| Digest::parse(&format!("sha256:{h}"))) else {
-                    continue;
-                };
-                match fs::metadata(b.path().join("data")) {
-                    Ok(m) => each(Listed { digest: d, size: m.len(), stored_ms: modified_ms(&m) }),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
+        for a in Algorithm::ALL {
+            let Ok(prefixes) = fs::read_dir(self.blobs_root(a)) else { continue };
+            for p in prefixes {
+                let p = p?;
+                let Ok(blobs) = fs::read_dir(p.path()) else { continue };
+                for b in blobs {
+                    let b = b?;
+                    let name = b.file_name();
+                    let Some(d) = name.to_str().and_then(Digest::from_hex).filter(|d| d.algorithm() == a)
+                    else {
+                        continue;
+                    };
+                    match fs::metadata(b.path().join("data")) {
+                        Ok(m) => each(Listed { digest: d, size: m.len(), stored_ms: modified_ms(&m) }),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
         }
@@ -353,9 +364,11 @@ impl Tree {
             else {
                 continue;
             };
-            for link in walk_files(&manifests_dir.join("revisions/sha256"))? {
-                if let Some(d) = read_link(&link)? {
-                    revisions.push((repo.clone(), d));
+            for a in Algorithm::ALL {
+                for link in walk_files(&manifests_dir.join("revisions").join(a.as_str()))? {
+                    if let Some(d) = read_link(&link)? {
+                        revisions.push((repo.clone(), d));
+                    }
                 }
             }
             let Ok(tag_dirs) = fs::read_dir(manifests_dir.join("tags")) else {
@@ -371,9 +384,11 @@ impl Tree {
                     continue;
                 };
                 let mut seen = Vec::new();
-                for link in walk_files(&tag_dir.join("index/sha256"))? {
-                    if let Some(d) = read_link(&link)? {
-                        seen.push((d, mtime_ms(&link)));
+                for a in Algorithm::ALL {
+                    for link in walk_files(&tag_dir.join("index").join(a.as_str()))? {
+                        if let Some(d) = read_link(&link)? {
+                            seen.push((d, mtime_ms(&link)));
+                        }
                     }
                 }
                 tags.push(TagLinks {
