@@ -121,7 +121,7 @@ impl Index {
         self.blobs.iter().filter_map(|kv| match kv {
             Err(e) => Some(Err(e)),
             Ok((k, v)) => {
-                let d = std::str::from_utf8(&k).ok().and_then(|h| Digest::from_hex(h))?;
+                let d = std::str::from_utf8(&k).ok().and_then(Digest::from_hex)?;
                 let m = serde_json::from_slice::<BlobMeta>(&v).ok()?;
                 Some(Ok((d, m)))
             }
