@@ -169,6 +169,11 @@ impl Analytics {
         if m.head {
             return;
         }
+        if let Some(kind) = referrer_kind(m.reference, &m.manifest.bytes) {
+            drop(st);
+            self.metrics.referrer_fetches.with_label_values(&[m.upstream, &kind]).inc();
+            return;
+        }
         let resolved_tag = |st: &State, d: &Digest| {
             st.resolved
                 .get(&(m.client, key.clone(), d.clone()))
@@ -381,6 +386,43 @@ pub fn report(store: &Store, n: usize, since: Option<&str>) -> Result<Report, St
 }
 
 /// The day of a unix time, for tests that need a date.
+/// Artifact types counted as referrer fetches: the label of a manifest that refers to
+/// another (signature, SBOM, attestation), which is no pull of an image. Such a manifest
+/// has a `subject`, or is fetched by a cosign tag (`sha256-<hex>.sig`, `.att`, `.sbom`). The
+/// label is its artifact type (or config media type) when it is one cosign, notation,
+/// in-toto or the sigstore bundle use, else `other`: the label set stays bounded.
+fn referrer_kind(reference: &Reference, bytes: &[u8]) -> Option<String> {
+    let cosign_tag = matches!(reference, Reference::Tag(t)
+        if t.as_str().starts_with("sha256-") && [".sig", ".att", ".sbom"].iter().any(|s| t.as_str().ends_with(s)));
+    let has_subject = bytes.windows(9).any(|w| w == b"\"subject\"");
+    if !cosign_tag && !has_subject {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    if !cosign_tag && v.get("subject").is_none() {
+        return None;
+    }
+    let known = |t: &&str| {
+        [
+            "application/vnd.dev.cosign",
+            "application/vnd.dev.sigstore",
+            "application/vnd.in-toto",
+            "application/vnd.cncf.notary",
+            "application/spdx",
+            "application/vnd.cyclonedx",
+        ]
+        .iter()
+        .any(|p| t.starts_with(p))
+    };
+    let candidates = [
+        v.get("artifactType").and_then(|a| a.as_str()),
+        v.get("config").and_then(|c| c.get("mediaType")).and_then(|m| m.as_str()),
+        v.get("layers").and_then(|l| l.get(0)).and_then(|l| l.get("mediaType")).and_then(|m| m.as_str()),
+    ];
+    let kind = candidates.into_iter().flatten().find(known).unwrap_or("other").to_owned();
+    Some(kind)
+}
+
 #[cfg(test)]
 fn day_for_unix_secs(secs: u64) -> String {
     day_of(std::time::UNIX_EPOCH + Duration::from_secs(secs))

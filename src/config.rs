@@ -355,6 +355,11 @@ pub struct UpstreamConfig {
     /// How long a revalidated tag is served without asking the upstream again.
     #[serde(with = "humantime_serde", default)]
     pub tag_ttl: Duration,
+    /// How long a referrers list (`/v2/<name>/referrers/<digest>`) is served without
+    /// asking the upstream again. Short: signatures and attestations are added after the
+    /// image is pushed.
+    #[serde(with = "humantime_serde", default = "default_referrers_ttl")]
+    pub referrers_ttl: Duration,
     /// Limit on establishing a connection to the upstream.
     #[serde(with = "humantime_serde", default = "default_connect_timeout")]
     pub connect_timeout: Duration,
@@ -381,6 +386,9 @@ pub struct UpstreamConfig {
     pub deny: Vec<String>,
 }
 
+fn default_referrers_ttl() -> Duration {
+    Duration::from_secs(300)
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -433,6 +441,7 @@ impl UpstreamConfig {
             password: None,
             password_file: None,
             tag_ttl: Duration::ZERO,
+            referrers_ttl: default_referrers_ttl(),
             connect_timeout: default_connect_timeout(),
             response_timeout: default_response_timeout(),
             idle_timeout: default_idle_timeout(),

@@ -22,6 +22,12 @@ pub struct Metrics {
     pub pulls_folded: IntCounter,
     /// GETs of buildx attestation manifests (not pulls).
     pub attestation_fetches: IntCounterVec,
+    /// GETs of manifests that refer to another (signatures, SBOMs, attestations with a
+    /// `subject`; not pulls), by artifact type.
+    pub referrer_fetches: IntCounterVec,
+    /// Referrers requests answered, by the source of the list (api, fallback_tag, local)
+    /// and result (hit, revalidated, refreshed, stale, miss).
+    pub referrers_requests: IntCounterVec,
     /// Manifest requests by result: hit, revalidated, refreshed, stale, miss, error.
     pub manifest_requests: IntCounterVec,
     /// Blob requests by result: hit, miss, joined, error.
@@ -168,6 +174,16 @@ impl Metrics {
                 "wharf_attestation_fetches_total",
                 "GETs of attestation manifests (not pulls)",
                 &["upstream"],
+            ),
+            referrer_fetches: r.counter_vec(
+                "wharf_referrer_fetches_total",
+                "GETs of manifests with a subject: signatures, SBOMs, attestations (not pulls)",
+                &["upstream", "artifact_type"],
+            ),
+            referrers_requests: r.counter_vec(
+                "wharf_referrers_requests_total",
+                "Referrers lists served, by where the list came from and result",
+                &["upstream", "source", "result"],
             ),
             manifest_requests: r.counter_vec(
                 "wharf_manifest_requests_total",

@@ -342,6 +342,42 @@ pub fn references(manifest: &[u8]) -> (Vec<Digest>, Vec<Digest>) {
     (digests("manifests"), blobs)
 }
 
+/// Media type of the empty JSON object an artifact without a config names as its config.
+pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+
+/// When a manifest refers to another (it has a `subject`): that subject's digest and the
+/// descriptor a referrers list gives this manifest (its media type, digest and size, its
+/// `artifactType`, or its config's media type when it declares none, as the
+/// distribution-spec says, and its annotations).
+pub fn referrer_of(bytes: &[u8], digest: &Digest, media_type: &str) -> Option<(Digest, serde_json::Value)> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let subject = Digest::parse(v.get("subject")?.get("digest")?.as_str()?)?;
+    let mut desc = serde_json::json!({
+        "mediaType": media_type,
+        "digest": digest.to_string(),
+        "size": bytes.len(),
+    });
+    let artifact_type = v
+        .get("artifactType")
+        .and_then(|a| a.as_str())
+        .or_else(|| v.get("config")?.get("mediaType")?.as_str());
+    if let Some(a) = artifact_type {
+        desc["artifactType"] = a.into();
+    }
+    if let Some(a) = v.get("annotations").filter(|a| a.as_object().is_some_and(|o| !o.is_empty())) {
+        desc["annotations"] = a.clone();
+    }
+    Some((subject, desc))
+}
+
+/// Whether a JSON value is a descriptor a referrers list may carry: a media type, a digest
+/// wharf accepts and a size.
+pub fn valid_descriptor(v: &serde_json::Value) -> bool {
+    v.get("mediaType").and_then(|m| m.as_str()).is_some()
+        && v.get("digest").and_then(|d| d.as_str()).and_then(Digest::parse).is_some()
+        && v.get("size").and_then(|s| s.as_u64()).is_some()
+}
+
 /// The child of an index that serves clients which cannot read indexes: linux/amd64,
 /// as distribution picks it.
 pub fn default_platform_child(index: &[u8]) -> Option<Digest> {

@@ -114,7 +114,9 @@ impl ApiError {
             CacheError::Upstream(e @ UpstreamError::Denied(_)) => ApiError::Denied(e.to_string()),
             CacheError::Upstream(e @ UpstreamError::RateLimited) => ApiError::TooManyRequests(e.to_string()),
             CacheError::Upstream(e @ UpstreamError::Unavailable(_)) => ApiError::Unavailable(e.to_string()),
-            CacheError::Upstream(e @ UpstreamError::Invalid(_)) => ApiError::BadGateway(e.to_string()),
+            CacheError::Upstream(e @ (UpstreamError::Invalid(_) | UpstreamError::Status(_))) => {
+                ApiError::BadGateway(e.to_string())
+            }
             e @ (CacheError::DigestMismatch { .. } | CacheError::UnknownManifestType) => {
                 ApiError::BadGateway(e.to_string())
             }

@@ -20,7 +20,9 @@ pub use route::{parse as parse_route, Route};
 use crate::analytics::ManifestServed;
 use crate::auth::{Access, Identity};
 use crate::cache::{read_at, BlobBody, Lease, ServedManifest};
-use crate::oci::{default_platform_child, is_index, Digest, Reference, RepoName, Tag, OCI_MANIFEST};
+use crate::oci::{
+    default_platform_child, is_index, Digest, Reference, RepoName, Tag, OCI_INDEX, OCI_MANIFEST,
+};
 use crate::store::RepoKey;
 use crate::upstream::Upstream;
 use crate::zerocopy::Regions;
@@ -268,6 +270,22 @@ async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Respo
             let next = format!("/v2/{}/tags/list", asked.as_str());
             Ok(listing_response(json, &page, &next, query, head))
         }
+        Route::Referrers { name: asked, digest } => {
+            let (up, name) = pullable(state, &asked, req)?;
+            let r = state
+                .cache
+                .referrers(&up, &name, &digest)
+                .await
+                .map_err(|e| ApiError::from_cache(e, false))?;
+            state
+                .metrics
+                .referrers_requests
+                .with_label_values(&[&up.name, r.source.as_str(), r.result.as_str()])
+                .inc();
+            tracing::debug!(upstream = %up.name, repository = %name, digest = %digest, source = r.source.as_str(), cache = r.result.as_str(), "referrers");
+            let path = format!("/v2/{}/referrers/{digest}", asked.as_str());
+            Ok(referrers_response(r.manifests, &path, query, head))
+        }
         Route::Catalog => {
             let up = match &query.ns {
                 Some(ns) => find_upstream(&state.upstreams, ns)?,
@@ -320,6 +338,8 @@ pub struct Query {
     pub top: Option<usize>,
     /// First day (`YYYY-MM-DD`) `/_wharf/stats` counts.
     pub since: Option<String>,
+    /// `artifactType=` of a referrers request.
+    pub artifact_type: Option<String>,
 }
 
 impl Query {
@@ -332,6 +352,9 @@ impl Query {
                 "last" => out.last = Some(v.into_owned()),
                 "top" => out.top = v.parse().ok(),
                 "since" => out.since = Some(v.into_owned()),
+                // A media type has no spaces: a `+` a client left unencoded
+                // (`…+json`) is a plus, not the space form decoding makes of it.
+                "artifactType" => out.artifact_type = Some(v.replace(' ', "+")),
                 _ => {}
             }
         }
@@ -424,6 +447,61 @@ fn listing_response(
             q.append_pair("n", &n.to_string());
         }
         q.append_pair("last", last);
+        if let Some(ns) = &query.ns {
+            q.append_pair("ns", ns);
+        }
+        if let Ok(v) = HeaderValue::from_str(&format!("<{path}?{}>; rel=\"next\"", q.finish())) {
+            h.insert(header::LINK, v);
+        }
+    }
+    r
+}
+
+/// Most descriptors in one page of a referrers answer when the client does not ask for `n`
+/// (a page stays well within the 4 MiB a client reads of an index).
+const REFERRERS_PAGE: usize = 1000;
+
+/// A referrers answer: always an OCI index, filtered by `artifactType` here whatever the
+/// upstream did, and paginated (`n`, `last` = the last digest of the previous page) with a
+/// `Link` to the next page.
+fn referrers_response(
+    mut list: Vec<serde_json::Value>,
+    path: &str,
+    query: &Query,
+    head: bool,
+) -> Response<Body> {
+    if let Some(t) = &query.artifact_type {
+        list.retain(|m| m.get("artifactType").and_then(|a| a.as_str()) == Some(t.as_str()));
+    }
+    let start = query
+        .last
+        .as_deref()
+        .and_then(|l| list.iter().position(|m| m.get("digest").and_then(|d| d.as_str()) == Some(l)))
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    let n = query.n.unwrap_or(REFERRERS_PAGE).clamp(1, REFERRERS_PAGE);
+    let page: Vec<serde_json::Value> = list.iter().skip(start).take(n).cloned().collect();
+    let more = start + page.len() < list.len();
+    let json = serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": page });
+    let json = Bytes::from(json.to_string());
+    let len = json.len();
+    let mut r = Response::new(if head { body::empty() } else { body::full(json) });
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(OCI_INDEX));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if query.artifact_type.is_some() {
+        h.insert("oci-filters-applied", HeaderValue::from_static("artifactType"));
+    }
+    let last = page.last().and_then(|m| m.get("digest")).and_then(|d| d.as_str());
+    if let (true, Some(last)) = (more, last) {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        if let Some(n) = query.n {
+            q.append_pair("n", &n.to_string());
+        }
+        q.append_pair("last", last);
+        if let Some(t) = &query.artifact_type {
+            q.append_pair("artifactType", t);
+        }
         if let Some(ns) = &query.ns {
             q.append_pair("ns", ns);
         }

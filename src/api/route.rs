@@ -15,6 +15,8 @@ pub enum Route {
     Blob { name: RepoName, digest: Digest },
     /// `/v2/<name>/tags/list`
     TagsList { name: RepoName },
+    /// `/v2/<name>/referrers/<digest>`
+    Referrers { name: RepoName, digest: Digest },
     /// `/v2/_catalog`
     Catalog,
     /// `/_wharf/history/<name>/tags/<tag>`
@@ -45,6 +47,7 @@ impl Route {
             Route::Manifest { .. } => "manifest",
             Route::Blob { .. } => "blob",
             Route::TagsList { .. } => "tags",
+            Route::Referrers { .. } => "referrers",
             Route::Catalog => "catalog",
             Route::History { .. } => "history",
             Route::Metrics => "metrics",
@@ -113,6 +116,12 @@ pub fn parse(path: &str) -> Result<Route, ApiError> {
             Ok(Route::Blob { name, digest })
         }
         [n @ .., "tags", "list"] if !n.is_empty() => Ok(Route::TagsList { name: name(n)? }),
+        [n @ .., "referrers", digest] if !n.is_empty() => {
+            let name = name(n)?;
+            let digest = Digest::parse(digest)
+                .ok_or_else(|| ApiError::DigestInvalid(format!("invalid digest {digest:?}")))?;
+            Ok(Route::Referrers { name, digest })
+        }
         _ => Err(ApiError::NotFound(format!("no such path {path:?}"))),
     }
 }
@@ -133,6 +142,8 @@ mod tests {
         );
         let d = format!("sha256:{}", "0".repeat(64));
         assert!(matches!(parse(&format!("/v2/x/y/blobs/{d}")), Ok(Route::Blob { .. })));
+        assert!(matches!(parse(&format!("/v2/x/y/referrers/{d}")), Ok(Route::Referrers { .. })));
+        assert!(matches!(parse("/v2/x/referrers/latest"), Err(ApiError::DigestInvalid(_))));
         assert_eq!(parse("/v2/").expect("base"), Route::Base);
     }
 

@@ -5,6 +5,7 @@
 mod fill;
 mod flight;
 mod lifecycle;
+mod referrers;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,6 +15,7 @@ pub use fill::{read_at, Fill};
 use flight::Flights;
 pub use lifecycle::{GcReport, Lease, Reason};
 use lifecycle::{Leases, Policy};
+pub use referrers::{Referrers, ReferrersSource};
 
 use crate::config::CacheConfig;
 use crate::metrics::Metrics;
@@ -181,6 +183,8 @@ pub struct Cache {
     tag_flights: Flights<(RepoKey, Tag), Result<Revalidation, CacheError>>,
     /// Manifest fetches by digest in flight.
     manifest_flights: Flights<(RepoKey, Digest), Result<(), CacheError>>,
+    /// Referrers lists being asked for upstream.
+    referrer_flights: Flights<(RepoKey, Digest), Result<crate::store::ReferrersMeta, CacheError>>,
     /// Size cap, pins and ages for eviction and collection.
     policy: Policy,
     /// Blobs responses are reading: never evicted meanwhile.
@@ -235,6 +239,7 @@ impl Cache {
             fills: Mutex::new(HashMap::new()),
             tag_flights: Flights::new(),
             manifest_flights: Flights::new(),
+            referrer_flights: Flights::new(),
             policy: Policy::new(config),
             leases: Arc::default(),
             pass: Mutex::new(()),

@@ -37,11 +37,27 @@ pub struct Seen {
     pub last_seen_ms: u64,
 }
 
+/// A referrers list as the upstream last gave it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReferrersMeta {
+    /// Unix milliseconds of the last time the upstream was asked.
+    pub checked_ms: u64,
+    /// Which source answered: `api`, `fallback_tag` or `local`.
+    pub source: String,
+    /// The descriptors (empty for `local`: those are read from the subjects at answer time).
+    pub manifests: Vec<serde_json::Value>,
+}
+
 pub struct Index {
     db: sled::Db,
     blobs: sled::Tree,
     tags: sled::Tree,
     history: sled::Tree,
+    /// `<repo>\t<subject hex>` → [`ReferrersMeta`]: upstream answers, a cache (not derived).
+    referrers: sled::Tree,
+    /// `<repo>\t<subject hex>\t<referrer hex>` → the referrer's descriptor, for every cached
+    /// manifest with a `subject` (derived: reindex rebuilds it).
+    subjects: sled::Tree,
 }
 
 fn tag_key(r: &RepoKey, t: &Tag) -> String {
@@ -51,6 +67,10 @@ fn tag_key(r: &RepoKey, t: &Tag) -> String {
 /// The history key of (tag, digest): also the key of its pull count in the counters.
 pub fn history_key(r: &RepoKey, t: &Tag, d: &Digest) -> String {
     format!("{}\t{}", tag_key(r, t), d.hex())
+}
+
+fn subject_key(r: &RepoKey, subject: &Digest, referrer: &Digest) -> String {
+    format!("{}\t{}\t{}", r.as_str(), subject.hex(), referrer.hex())
 }
 
 fn get<T: DeserializeOwned>(tree: &sled::Tree, key: impl AsRef<[u8]>) -> sled::Result<Option<T>> {
@@ -82,6 +102,8 @@ impl Index {
             blobs: db.open_tree("blobs")?,
             tags: db.open_tree("tags")?,
             history: db.open_tree("history")?,
+            referrers: db.open_tree("referrers")?,
+            subjects: db.open_tree("subjects")?,
             db,
         })
     }
@@ -204,6 +226,39 @@ impl Index {
         Ok(out)
     }
 
+    pub fn referrers(&self, r: &RepoKey, d: &Digest) -> sled::Result<Option<ReferrersMeta>> {
+        get(&self.referrers, format!("{}\t{}", r.as_str(), d.hex()))
+    }
+
+    pub fn put_referrers(&self, r: &RepoKey, d: &Digest, m: &ReferrersMeta) -> sled::Result<()> {
+        put(&self.referrers, format!("{}\t{}", r.as_str(), d.hex()), m)
+    }
+
+    /// Records that `referrer` (described by `desc`) has `subject` as its subject.
+    pub fn put_subject(
+        &self,
+        r: &RepoKey,
+        subject: &Digest,
+        referrer: &Digest,
+        desc: &serde_json::Value,
+    ) -> sled::Result<()> {
+        put(&self.subjects, subject_key(r, subject, referrer), desc)
+    }
+
+    /// Every cached referrer of `subject` in `r`: (its digest, its descriptor).
+    pub fn subjects(&self, r: &RepoKey, subject: &Digest) -> sled::Result<Vec<(Digest, serde_json::Value)>> {
+        let prefix = format!("{}\t{}\t", r.as_str(), subject.hex());
+        let mut out = Vec::new();
+        for kv in self.subjects.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = kv?;
+            let hex = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            if let (Some(d), Ok(desc)) = (Digest::from_hex(&hex), serde_json::from_slice(&v)) {
+                out.push((d, desc));
+            }
+        }
+        Ok(out)
+    }
+
     /// Keys of the tags tree (`<repo>\t<tag>`) that start with `prefix`.
     pub fn tag_keys(&self, prefix: &str) -> sled::Result<Vec<String>> {
         self.tags
@@ -213,17 +268,25 @@ impl Index {
             .collect()
     }
 
-    /// Replaces the whole derived content with `blobs`, `tags` and `history`. Not atomic:
-    /// the caller clears the built mark first and sets it after.
+    /// Replaces the whole derived content with `blobs`, `tags`, `history` and `subjects`
+    /// (repository, subject, referrer, descriptor). Not atomic: the caller clears the built
+    /// mark first and sets it after.
     pub fn replace_all(
         &self,
         blobs: Vec<(Digest, BlobMeta)>,
         tags: Vec<(String, TagMeta)>,
         history: Vec<(String, Seen)>,
+        subjects: Vec<(RepoKey, Digest, Digest, serde_json::Value)>,
     ) -> sled::Result<()> {
         self.blobs.clear()?;
         self.tags.clear()?;
         self.history.clear()?;
+        self.subjects.clear()?;
+        let mut b = sled::Batch::default();
+        for (r, s, d, desc) in &subjects {
+            b.insert(subject_key(r, s, d).as_bytes(), encode(desc));
+        }
+        self.subjects.apply_batch(b)?;
         for chunk in blobs.chunks(10_000) {
             let mut b = sled::Batch::default();
             for (d, m) in chunk {

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use backend::{BlobBackend, BlobRead, Listed, Spool};
 use counters::Counters;
 use index::{history_key, Index};
-pub use index::{BlobMeta, Seen, TagMeta};
+pub use index::{BlobMeta, ReferrersMeta, Seen, TagMeta};
 use tree::Tree;
 
 use crate::oci::{manifest_media_type, Digest, RepoName, Tag};
@@ -575,7 +575,31 @@ impl Store {
             self.count_blob(bytes.len() as u64);
         }
         self.tree.link_revision(r, d)?;
+        if let Some((subject, desc)) = crate::oci::referrer_of(bytes, d, media_type) {
+            self.index.put_subject(r, &subject, d, &desc)?;
+        }
         Ok(())
+    }
+
+    /// The referrers list the upstream last gave for `d` in `r`.
+    pub fn referrers(&self, r: &RepoKey, d: &Digest) -> Result<Option<ReferrersMeta>, StoreError> {
+        Ok(self.index.referrers(r, d)?)
+    }
+
+    pub fn put_referrers(&self, r: &RepoKey, d: &Digest, m: &ReferrersMeta) -> Result<(), StoreError> {
+        Ok(self.index.put_referrers(r, d, m)?)
+    }
+
+    /// Descriptors of the cached manifests of `r` whose subject is `d`, by digest (those
+    /// evicted since are left out).
+    pub fn local_referrers(&self, r: &RepoKey, d: &Digest) -> Result<Vec<serde_json::Value>, StoreError> {
+        let mut out = Vec::new();
+        for (referrer, desc) in self.index.subjects(r, d)? {
+            if self.tree.has_revision(r, &referrer) && self.blobs.stat(&referrer)?.is_some() {
+                out.push(desc);
+            }
+        }
+        Ok(out)
     }
 
     pub fn tag(&self, r: &RepoKey, t: &Tag) -> Result<Option<TagMeta>, StoreError> {
@@ -654,14 +678,22 @@ impl Store {
         }
         let (revisions, tag_links) = self.tree.manifest_links()?;
         let mut manifests = HashSet::new();
-        for (_, d) in revisions {
+        // Each manifest is read once; what it refers to as a subject, by digest.
+        let mut referring: HashMap<Digest, (Digest, serde_json::Value)> = HashMap::new();
+        let mut subjects = Vec::new();
+        for (repo, d) in revisions {
             let Some(meta) = blobs.get_mut(&d) else { continue };
-            if meta.media_type.is_some() {
-                continue;
+            if meta.media_type.is_none() {
+                if let Some(m) = self.manifest_bytes(&d)? {
+                    if let Some(r) = crate::oci::referrer_of(&m.bytes, &d, &m.media_type) {
+                        referring.insert(d.clone(), r);
+                    }
+                    meta.media_type = Some(m.media_type);
+                    manifests.insert(d.clone());
+                }
             }
-            if let Some(m) = self.manifest_bytes(&d)? {
-                meta.media_type = Some(m.media_type);
-                manifests.insert(d);
+            if let Some((subject, desc)) = referring.get(&d) {
+                subjects.push((repo, subject.clone(), d, desc.clone()));
             }
         }
         stats.manifests = manifests.len() as u64;
@@ -687,7 +719,7 @@ impl Store {
             stats.tags += 1;
         }
         let (n, bytes) = blobs.values().fold((0, 0), |(n, b), m| (n + 1, b + m.size));
-        self.index.replace_all(blobs.into_iter().collect(), tags, history)?;
+        self.index.replace_all(blobs.into_iter().collect(), tags, history, subjects)?;
         self.blob_count.store(n, Ordering::Relaxed);
         self.blob_bytes.store(bytes, Ordering::Relaxed);
         lock(&self.manifests).map.clear();

@@ -17,7 +17,7 @@ use auth::{Auth, Credential, TokenResponse};
 
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::metrics::Metrics;
-use crate::oci::{Digest, RepoName, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
+use crate::oci::{Digest, RepoName, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX};
 
 /// Why the upstream gave no usable answer. `Clone` so coalesced requests share one outcome.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -34,6 +34,9 @@ pub enum UpstreamError {
     Invalid(String),
     #[error("manifest from upstream is larger than the {MAX_MANIFEST_BYTES}-byte limit")]
     TooLarge,
+    /// A status the API does not give for this request (a 3xx not followed, 405, 400…).
+    #[error("upstream answered an unexpected HTTP {0}")]
+    Status(u16),
 }
 
 impl UpstreamError {
@@ -72,6 +75,8 @@ pub struct Upstream {
     response_timeout: Duration,
     /// How long a revalidated tag may be served without asking again.
     pub tag_ttl: Duration,
+    /// How long a referrers list is served without asking again.
+    pub referrers_ttl: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -126,6 +131,7 @@ impl Upstream {
             auth: Auth::new(cfg.username.clone(), cfg.resolved_password()?),
             response_timeout: cfg.response_timeout,
             tag_ttl: cfg.tag_ttl,
+            referrers_ttl: cfg.referrers_ttl,
             metrics,
         })
     }
@@ -264,7 +270,7 @@ impl Upstream {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => UpstreamError::Denied(status.as_u16()),
             StatusCode::TOO_MANY_REQUESTS => UpstreamError::RateLimited,
             s if s.is_server_error() => UpstreamError::Unavailable(format!("HTTP {}", s.as_u16())),
-            s => UpstreamError::Invalid(format!("unexpected HTTP {}", s.as_u16())),
+            s => UpstreamError::Status(s.as_u16()),
         })
     }
 
@@ -406,7 +412,14 @@ fn redirect_policy() -> reqwest::redirect::Policy {
     reqwest::redirect::Policy::custom(|attempt| {
         let downgrade =
             attempt.url().scheme() == "http" && attempt.previous().iter().any(|u| u.scheme() == "https");
-        if attempt.previous().len() > 5 {
+        let referrers_off_host = attempt.previous().first().is_some_and(|first| {
+            first.path().contains("/referrers/") && first.host_str() != attempt.url().host_str()
+        });
+        if referrers_off_host {
+            // GHCR sends the referrers API to a rate-limited web API on another host: taken
+            // as "no referrers API here", so the tag schema is asked instead.
+            attempt.stop()
+        } else if attempt.previous().len() > 5 {
             attempt.error("more than 5 redirects (a redirect loop?)")
         } else if !matches!(attempt.url().scheme(), "http" | "https") {
             attempt.error("redirect to a scheme other than http(s)")
@@ -495,4 +508,61 @@ impl Upstream {
         }
         Ok(Page { body: body.freeze(), more })
     }
+
+    /// The upstream's referrers API for `d`, every page of it (at most
+    /// [`MAX_REFERRER_PAGES`], each within the manifest size limit): the descriptors of the
+    /// index. `None` when the upstream has no referrers API: it answers 404, 405 or 400,
+    /// or sends the request to another host.
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+    ) -> Result<Option<Vec<serde_json::Value>>, UpstreamError> {
+        let mut url = self.url(repo, "referrers", &d.to_string())?;
+        let mut out = Vec::new();
+        for _ in 0..MAX_REFERRER_PAGES {
+            let resp = match self
+                .send(Method::GET, url.clone(), repo.as_str(), &pull_scope(repo), Some(OCI_INDEX))
+                .await
+            {
+                Ok(r) => r,
+                Err(UpstreamError::NotFound | UpstreamError::Status(300..=399 | 400 | 405))
+                    if out.is_empty() =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e),
+            };
+            let next = next_link(resp.headers()).and_then(|l| url.join(&l).ok());
+            let body = read_limited(resp, MAX_MANIFEST_BYTES, "referrers body").await?;
+            self.metrics.upstream_bytes.with_label_values(&[&self.name]).inc_by(body.len() as u64);
+            let v: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| UpstreamError::Invalid(format!("referrers answer is not JSON: {e}")))?;
+            let list = v
+                .get("manifests")
+                .and_then(|m| m.as_array())
+                .ok_or_else(|| UpstreamError::Invalid("referrers answer has no manifests list".into()))?;
+            out.extend(list.iter().cloned());
+            // The next page only from the same registry: it gets this upstream's credentials.
+            match next.filter(|n| n.origin() == self.base.origin()) {
+                Some(n) => url = n,
+                None => return Ok(Some(out)),
+            }
+        }
+        tracing::warn!(upstream = %self.name, repository = %repo, digest = %d, pages = MAX_REFERRER_PAGES, "referrers list cut at the page limit");
+        Ok(Some(out))
+    }
+}
+
+/// Most pages of one referrers list followed upstream.
+pub const MAX_REFERRER_PAGES: usize = 32;
+
+/// The target of a `Link: <…>; rel="next"` header.
+fn next_link(h: &header::HeaderMap) -> Option<String> {
+    h.get_all(header::LINK).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).find_map(|l| {
+        let (target, params) = l.trim().split_once(';')?;
+        params
+            .contains("rel=\"next\"")
+            .then(|| target.trim().trim_start_matches('<').trim_end_matches('>').to_owned())
+    })
 }

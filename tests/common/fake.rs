@@ -78,6 +78,10 @@ pub struct State {
     pub basic: Mutex<Option<String>>,
     /// When set, the token endpoint answers 200 with this body instead of a token.
     pub token_body: Mutex<Option<Vec<u8>>>,
+    /// `name@digest` → descriptors the referrers API lists, in pages of two. Without any
+    /// entry for a name the API answers an empty index; with `referrers_status` set, that.
+    pub referrers: Mutex<HashMap<String, Vec<serde_json::Value>>>,
+    pub referrers_status: Mutex<Option<u16>>,
     gate: Mutex<Option<watch::Sender<bool>>>,
 }
 
@@ -139,6 +143,30 @@ impl Fake {
         d
     }
 
+    /// Adds bytes under a digest of the caller's choosing (sha512, or a wrong one).
+    pub fn blob_as(&self, digest: &str, bytes: Vec<u8>) {
+        self.state.blobs.lock().expect("lock").insert(digest.to_owned(), bytes);
+    }
+
+    /// Adds a manifest under a digest of the caller's choosing.
+    pub fn manifest_as(&self, name: &str, digest: &str, media_type: &str, bytes: Vec<u8>) {
+        self.state
+            .manifests
+            .lock()
+            .expect("lock")
+            .insert(format!("{name}@{digest}"), (media_type.to_owned(), bytes));
+    }
+
+    /// Sets what the referrers API lists for `name@digest`.
+    pub fn set_referrers(&self, name: &str, digest: &str, list: Vec<serde_json::Value>) {
+        self.state.referrers.lock().expect("lock").insert(format!("{name}@{digest}"), list);
+    }
+
+    /// Makes the referrers API answer `status` (404: no API; 503: down); `None` serves it.
+    pub fn set_referrers_status(&self, status: Option<u16>) {
+        *self.state.referrers_status.lock().expect("lock") = status;
+    }
+
     pub fn set_blob_mode(&self, digest: &str, mode: BlobMode) {
         self.state.blob_modes.lock().expect("lock").insert(digest.to_owned(), mode);
     }
@@ -194,6 +222,7 @@ fn full(status: u16, headers: &[(&str, String)], body: Vec<u8>) -> Response<Body
 
 async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
     let method = req.method().as_str().to_owned();
     let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
     let authorization = req.headers().get("authorization").and_then(|h| h.to_str().ok()).map(str::to_owned);
@@ -218,6 +247,9 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
             &[("content-type", "application/json".into())],
             format!("{{\"token\":\"{tok}\",\"expires_in\":{ttl}}}").into_bytes(),
         );
+    }
+    if path == "/rate-limited" {
+        return full(429, &[("retry-after", "60".into())], b"{}".to_vec());
     }
     if let Some(d) = path.strip_prefix("/cdn/") {
         let b = st.blobs.lock().expect("lock").get(d).cloned();
@@ -286,7 +318,7 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
                 }
                 _ => {}
             }
-            let key = if reference.starts_with("sha256:") {
+            let key = if reference.contains(':') {
                 format!("{name}@{reference}")
             } else {
                 format!("{name}:{reference}")
@@ -296,6 +328,7 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
                 Some((mt, bytes)) => {
                     let digest = match (&fault, head) {
                         (Some(ManifestFault::HeadDigest(d)), true) => d.clone(),
+                        _ if reference.contains(':') => reference.to_owned(),
                         _ => sha256(&bytes),
                     };
                     let h = [
@@ -367,6 +400,33 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
                     r
                 }
             }
+        }
+        "referrers" => {
+            if let Some(s) = *st.referrers_status.lock().expect("lock") {
+                if (300..400).contains(&s) {
+                    // As GHCR does: off to a rate-limited web API on another host.
+                    let to = format!("http://localhost:{}/rate-limited", addr.port());
+                    return full(s, &[("location", to)], vec![]);
+                }
+                return full(s, &[], b"{}".to_vec());
+            }
+            let list = st.referrers.lock().expect("lock").get(&format!("{name}@{reference}")).cloned();
+            let list = list.unwrap_or_default();
+            let page: usize = query.strip_prefix("page=").and_then(|p| p.parse().ok()).unwrap_or(0);
+            let items: Vec<serde_json::Value> = list.iter().skip(page * 2).take(2).cloned().collect();
+            let index = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": items,
+            });
+            let mut h = vec![("content-type", "application/vnd.oci.image.index.v1+json".to_owned())];
+            if (page + 1) * 2 < list.len() {
+                h.push((
+                    "link",
+                    format!("</v2/{name}/referrers/{reference}?page={}>; rel=\"next\"", page + 1),
+                ));
+            }
+            full(200, &h, index.to_string().into_bytes())
         }
         _ => full(404, &[], vec![]),
     }

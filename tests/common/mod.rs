@@ -5,6 +5,7 @@
 
 pub mod fake;
 pub mod image;
+pub mod push;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -508,8 +509,8 @@ pub fn damaged_blobs(data: &Path) -> Vec<String> {
 
 /// Whether blob `digest` is in wharf's storage tree.
 pub fn in_tree(data: &Path, digest: &str) -> bool {
-    let hex = digest.trim_start_matches("sha256:");
-    data.join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data").exists()
+    let (alg, hex) = digest.split_once(':').unwrap_or(("sha256", digest));
+    data.join("docker/registry/v2/blobs").join(alg).join(&hex[..2]).join(hex).join("data").exists()
 }
 
 /// Every file below `dir`, with its size, for before/after comparisons.
