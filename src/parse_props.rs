@@ -32,7 +32,7 @@ fn is_path_error(e: &ApiError) -> bool {
     matches!(
         (status.as_u16(), code),
         (400, "NAME_INVALID" | "DIGEST_INVALID" | "TAG_INVALID")
-            | (404, "UNSUPPORTED")
+            | (404, "UNSUPPORTED" | "MANIFEST_UNKNOWN")
             | (405, "UNSUPPORTED")
     )
 }

@@ -104,7 +104,9 @@ pub fn parse(path: &str) -> Result<Route, ApiError> {
                 if reference.contains(':') {
                     ApiError::DigestInvalid(format!("invalid digest {reference:?}"))
                 } else {
-                    ApiError::TagInvalid(format!("invalid tag {reference:?}"))
+                    // What distribution answers, and the conformance suite asks: no manifest
+                    // has that name (a GET names no tag to be invalid).
+                    ApiError::ManifestUnknown(format!("no manifest is named {reference:?}: not a valid tag"))
                 }
             })?;
             Ok(Route::Manifest { name, reference })
@@ -160,7 +162,7 @@ mod tests {
         }
         assert!(matches!(parse("/v2/a/blobs/sha256:zz"), Err(ApiError::DigestInvalid(_))));
         assert!(matches!(parse("/v2/a/manifests/sha256:..%2f..%2fx"), Err(ApiError::DigestInvalid(_))));
-        assert!(matches!(parse("/v2/a/manifests/.bad"), Err(ApiError::TagInvalid(_))));
+        assert!(matches!(parse("/v2/a/manifests/.bad"), Err(ApiError::ManifestUnknown(_))));
         assert!(matches!(parse("/v2/a/blobs/uploads/"), Err(ApiError::Unsupported(_))));
     }
 }
