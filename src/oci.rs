@@ -22,7 +22,8 @@ pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.man
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.v2+json";
+application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.oci.artifact.manifest.v1+json";
 
 /// Manifests larger than this are refused (the limit distribution applies too).
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -308,6 +309,24 @@ pub fn manifest_media_type(bytes: &[u8]) -> Option<String> {
     None
 }
 
+/// The media type a manifest is stored and served with: the upstream's `Content-Type` when
+/// it names a specific type (any, known to wharf or not: artifacts bring their own), else
+/// the one the bytes declare or imply. `None` for a generic or missing type on bytes that
+/// are no manifest (an HTML error page with 200, a proxy's JSON).
+pub fn stored_media_type(content_type: Option<&str>, bytes: &[u8]) -> Option<String> {
+    let specific = content_type.filter(|ct| {
+        let generic = ct.starts_with("text/")
+            || matches!(*ct, "application/json" | "application/octet-stream" | "binary/octet-stream" | "*/*");
+        let well_formed = ct.split_once('/').is_some_and(|(t, s)| !t.is_empty() && !s.is_empty())
+            && ct.bytes().all(|b| b.is_ascii_graphic() && b != b',' && b != b';');
+        !generic && well_formed
+    });
+    match specific {
+        Some(ct) => Some(ct.to_owned()),
+        None => manifest_media_type(bytes),
+    }
+}
+
 /// Whether a media type is an index (a list of per-platform manifests).
 pub fn is_index(media_type: &str) -> bool {
     media_type == OCI_INDEX || media_type == DOCKER_LIST
@@ -468,6 +487,19 @@ mod tests {
         let e512 = Digest::of_with(Algorithm::Sha512, b"");
         assert!(e512.to_string().starts_with("sha512:cf83e1357eefb8bdf1542850d66d8007"));
         assert!(e512.matches(b"") && !e512.matches(b"x"));
+    }
+
+    #[test]
+    fn any_specific_media_type_is_kept_and_generic_ones_are_inferred() {
+        let m = br#"{"schemaVersion":2,"config":{}}"#;
+        for ct in ["application/vnd.example.thing.v1+json", "application/x-custom+json", OCI_INDEX] {
+            assert_eq!(stored_media_type(Some(ct), m).as_deref(), Some(ct));
+        }
+        for ct in [None, Some("application/json"), Some("text/plain"), Some("application/octet-stream")] {
+            assert_eq!(stored_media_type(ct, m).as_deref(), Some(OCI_MANIFEST), "{ct:?}");
+        }
+        assert_eq!(stored_media_type(Some("text/html"), b"<html></html>"), None);
+        assert_eq!(stored_media_type(Some("a b/c"), b"<html></html>"), None);
     }
 
     #[test]

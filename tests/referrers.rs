@@ -260,3 +260,28 @@ async fn sha512_blobs_and_manifests_are_verified_and_stored_under_blobs_sha512()
     let r = reqwest::get(w.url(&format!("/v2/app/blobs/sha384:{}", "a".repeat(96)))).await.expect("GET");
     assert_eq!(r.status(), 400);
 }
+
+#[tokio::test]
+async fn a_manifest_of_a_media_type_wharf_does_not_know_is_served_as_the_upstream_sent_it() {
+    let fake = Fake::start().await;
+    let custom = "application/x-custom.manifest+json";
+    // Nothing in the bytes says what they are: only the upstream's Content-Type does.
+    let bytes = br#"{"schemaVersion":2,"parts":[]}"#.to_vec();
+    let d = fake.manifest("odd/thing", Some("v1"), custom, bytes.clone());
+    let w = Wharf::start(&fake.url(), "");
+    for reference in ["v1", d.as_str()] {
+        let r = reqwest::get(w.url(&format!("/v2/odd/thing/manifests/{reference}"))).await.expect("GET");
+        assert_eq!(r.status(), 200, "{reference}");
+        assert_eq!(r.headers()["content-type"], custom);
+        assert_eq!(r.headers()["docker-content-digest"], d.as_str());
+        assert_eq!(r.bytes().await.expect("body").to_vec(), bytes);
+    }
+    // From the cache, after a restart, with its media type.
+    w.settled().await;
+    let mut w = w;
+    w.restart();
+    fake.set_manifest_fault(common::fake::ManifestFault::Status(503));
+    let r = reqwest::get(w.url(&format!("/v2/odd/thing/manifests/{d}"))).await.expect("GET");
+    assert_eq!(r.headers()["content-type"], custom);
+    assert_eq!(r.bytes().await.expect("body").to_vec(), bytes);
+}

@@ -19,9 +19,7 @@ pub use referrers::{Referrers, ReferrersSource};
 
 use crate::config::CacheConfig;
 use crate::metrics::Metrics;
-use crate::oci::{
-    manifest_media_type, Digest, RepoName, Tag, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
-};
+use crate::oci::{stored_media_type, Digest, RepoName, Tag};
 use crate::store::{now_ms, BlobRead, RepoKey, Store, StoreError, StoredManifest};
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -401,11 +399,8 @@ impl Cache {
         bytes: bytes::Bytes,
         content_type: Option<String>,
     ) -> Result<(), CacheError> {
-        let known = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST];
-        let media_type = match content_type {
-            Some(ct) if known.contains(&ct.as_str()) || ct.starts_with("application/vnd.") => ct,
-            _ => manifest_media_type(&bytes).ok_or(CacheError::UnknownManifestType)?,
-        };
+        let media_type =
+            stored_media_type(content_type.as_deref(), &bytes).ok_or(CacheError::UnknownManifestType)?;
         // Served from memory at once; stored (fsync, rename, links) off the response path,
         // so a cold pull waits for no disk flush. A crash before it is stored loses nothing
         // stored: the next request fetches it again.
