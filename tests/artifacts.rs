@@ -446,3 +446,90 @@ async fn a_model_sized_layer_reaches_a_herd_with_one_upstream_get_and_flat_memor
     );
     wait_for(60, "the layer to be stored", || common::in_tree(&w.data, &gguf).then_some(()));
 }
+
+/// Runs the oras Python client (tests/tools/oras_client.py); its JSON answer.
+fn oras(args: &[&str]) -> Value {
+    let pythonpath = std::env::var("WHARF_TEST_PYTHONPATH")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/python").to_owned());
+    let out = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/oras_client.py"))
+        .args(args)
+        .env("PYTHONPATH", pythonpath)
+        .output()
+        .expect("python3 runs (scripts/test.sh installs the oras client)");
+    assert!(
+        out.status.success(),
+        "oras {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("oras {args:?} printed {stdout}: {e}"))
+}
+
+#[tokio::test]
+async fn the_oras_client_pulls_an_artifact_and_its_signature_through_wharf() {
+    let reg = Registry::start();
+    let host = reg.addr.to_string();
+    let work = tempfile::tempdir().expect("tmp");
+    let model = work.path().join("model.bin");
+    let model_bytes = noise("oras-model", 300_000);
+    std::fs::write(&model, &model_bytes).expect("write");
+    let pushed = oras(&[
+        "push",
+        &host,
+        "oras/demo:v1",
+        model.to_str().expect("path"),
+        "application/vnd.example.model.v1",
+    ]);
+    assert_eq!(pushed["status"], 201);
+    let subject = get(&format!("{}/v2/oras/demo/manifests/v1", reg.url()), Some(OCI_MANIFEST)).await;
+    let subject_d = subject.headers()["docker-content-digest"].to_str().expect("digest").to_owned();
+    let subject_len = subject.bytes().await.expect("manifest").len().to_string();
+    let sig = work.path().join("signature.json");
+    std::fs::write(&sig, br#"{"signed":"oras/demo:v1"}"#).expect("write");
+    let signed = oras(&[
+        "push",
+        &host,
+        "oras/demo:sig",
+        sig.to_str().expect("path"),
+        "application/vnd.example.signature.v1",
+        &subject_d,
+        &subject_len,
+        OCI_MANIFEST,
+    ]);
+    assert_eq!(signed["status"], 201);
+    let sig_d = get(&format!("{}/v2/oras/demo/manifests/sig", reg.url()), Some(OCI_MANIFEST)).await.headers()
+        ["docker-content-digest"]
+        .to_str()
+        .expect("digest")
+        .to_owned();
+
+    let w = Wharf::start(&reg.url(), "");
+    let out = work.path().join("pulled");
+    let pulled = oras(&["pull", &w.host(), "oras/demo:v1", out.to_str().expect("path")]);
+    assert_eq!(pulled["files"].as_array().map(Vec::len), Some(1), "{pulled}");
+    assert_eq!(std::fs::read(out.join("model.bin")).expect("pulled file"), model_bytes);
+    // The signature, by digest, as a verifier fetches it; from then on wharf lists it as a
+    // referrer of the artifact (distribution 2.8 has neither the API nor a fallback tag here).
+    let sig_out = work.path().join("sig");
+    oras(&["pull", &w.host(), &format!("oras/demo@{sig_d}"), sig_out.to_str().expect("path")]);
+    assert_eq!(
+        std::fs::read(sig_out.join("signature.json")).expect("pulled sig"),
+        br#"{"signed":"oras/demo:v1"}"#
+    );
+    w.settled().await;
+    let list = referrers(&w, "oras/demo", &subject_d, "").await;
+    assert_eq!(digests(&list), vec![sig_d]);
+    assert_eq!(w.metric("wharf_referrers_requests_total", &[("source", "local")]).await, 1.0);
+}
+
+fn digests(index: &Value) -> Vec<String> {
+    index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["digest"].as_str().map(str::to_owned))
+        .collect()
+}
