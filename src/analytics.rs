@@ -394,7 +394,7 @@ pub fn report(store: &Store, n: usize, since: Option<&str>) -> Result<Report, St
 fn referrer_kind(reference: &Reference, bytes: &[u8]) -> Option<String> {
     let cosign_tag = matches!(reference, Reference::Tag(t)
         if t.as_str().starts_with("sha256-") && [".sig", ".att", ".sbom"].iter().any(|s| t.as_str().ends_with(s)));
-    let has_subject = bytes.windows(9).any(|w| w == b"\"subject\"");
+    let has_subject = memchr::memmem::find(bytes, b"\"subject\"").is_some();
     if !cosign_tag && !has_subject {
         return None;
     }
@@ -431,6 +431,34 @@ fn day_for_unix_secs(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn referrers_are_told_apart_from_images_with_a_bounded_label() {
+        let d = Digest::of(b"x");
+        let by_digest = Reference::Digest(d.clone());
+        let subject = serde_json::json!({"mediaType": "m", "digest": d.to_string(), "size": 1});
+        let sig = serde_json::json!({"artifactType": "application/vnd.dev.sigstore.bundle.v0.3+json", "subject": subject});
+        assert_eq!(
+            referrer_kind(&by_digest, sig.to_string().as_bytes()).as_deref(),
+            Some("application/vnd.dev.sigstore.bundle.v0.3+json")
+        );
+        let odd = serde_json::json!({"artifactType": "application/x-anything-at-all", "subject": subject});
+        assert_eq!(referrer_kind(&by_digest, odd.to_string().as_bytes()).as_deref(), Some("other"));
+        let image = serde_json::json!({"config": {"mediaType": "application/vnd.oci.image.config.v1+json"},
+            "layers": [{"mediaType": "x", "annotations": {"note": "\"subject\" in a string"}}]});
+        assert_eq!(referrer_kind(&by_digest, image.to_string().as_bytes()), None);
+        let cosign = serde_json::json!({"config": {"mediaType": "application/vnd.oci.image.config.v1+json"},
+            "layers": [{"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json"}]});
+        let tag = Reference::Tag(Tag::parse(&format!("sha256-{}.sig", d.hex())).expect("tag"));
+        assert_eq!(
+            referrer_kind(&tag, cosign.to_string().as_bytes()).as_deref(),
+            Some("application/vnd.dev.cosign.simplesigning.v1+json")
+        );
+        assert_eq!(
+            referrer_kind(&Reference::Tag(Tag::parse("v1").expect("tag")), cosign.to_string().as_bytes()),
+            None
+        );
+    }
 
     #[test]
     fn days_and_platforms_format() {

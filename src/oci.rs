@@ -490,6 +490,33 @@ mod tests {
     }
 
     #[test]
+    fn a_manifest_with_a_subject_is_described_as_its_referrer() {
+        let subject = Digest::of(b"image");
+        let with_type = serde_json::json!({"artifactType": "application/x.sig", "config": {"mediaType": OCI_EMPTY},
+            "subject": {"digest": subject.to_string()}, "annotations": {"a": "b"}});
+        let bytes = with_type.to_string().into_bytes();
+        let d = Digest::of(&bytes);
+        let (s, desc) = referrer_of(&bytes, &d, OCI_MANIFEST).expect("a referrer");
+        assert_eq!(s, subject);
+        assert_eq!(
+            desc,
+            serde_json::json!({"mediaType": OCI_MANIFEST, "digest": d.to_string(), "size": bytes.len(),
+                "artifactType": "application/x.sig", "annotations": {"a": "b"}})
+        );
+        // No artifactType: the config's media type stands in, as the spec says.
+        let config_typed = serde_json::json!({"config": {"mediaType": "application/x.cfg"},
+            "subject": {"digest": subject.to_string()}});
+        let (_, desc) =
+            referrer_of(config_typed.to_string().as_bytes(), &d, OCI_MANIFEST).expect("a referrer");
+        assert_eq!(desc["artifactType"], "application/x.cfg");
+        assert!(desc.get("annotations").is_none());
+        assert!(referrer_of(br#"{"config":{}}"#, &d, OCI_MANIFEST).is_none());
+        assert!(referrer_of(br#"{"subject":{"digest":"sha256:zz"}}"#, &d, OCI_MANIFEST).is_none());
+        assert!(valid_descriptor(&desc));
+        assert!(!valid_descriptor(&serde_json::json!({"mediaType": "m", "digest": "md5:00", "size": 1})));
+    }
+
+    #[test]
     fn any_specific_media_type_is_kept_and_generic_ones_are_inferred() {
         let m = br#"{"schemaVersion":2,"config":{}}"#;
         for ct in ["application/vnd.example.thing.v1+json", "application/x-custom+json", OCI_INDEX] {
