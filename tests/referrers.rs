@@ -180,6 +180,20 @@ async fn an_upstream_without_the_api_or_a_fallback_tag_gives_an_empty_index_neve
         w.metric("wharf_referrers_requests_total", &[("source", "local"), ("result", "miss")]).await,
         1.0
     );
+    // An empty answer about a digest wharf does not hold is not kept (any client can make
+    // digests up; the index must not grow with them): asked again next time.
+    let (status, _, _) = get_json(&w.url(&format!("/v2/app/referrers/{subject}"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(fake.count("GET", &format!("/manifests/{tag}")), 2);
+    // Once the subject is cached, its (empty) answer is kept for referrers_ttl.
+    let r = reqwest::get(w.url(&format!("/v2/app/manifests/{subject}"))).await.expect("GET manifest");
+    assert_eq!(r.status(), 200);
+    w.settled().await;
+    for _ in 0..3 {
+        let (status, _, index) = get_json(&w.url(&format!("/v2/app/referrers/{subject}"))).await;
+        assert_eq!((status, index["manifests"].clone()), (200, json!([])));
+    }
+    assert_eq!(fake.count("GET", &format!("/manifests/{tag}")), 3);
     // A malformed digest is the client's error.
     let r = reqwest::get(w.url("/v2/app/referrers/sha256:xyz")).await.expect("GET");
     assert_eq!(r.status(), 400);

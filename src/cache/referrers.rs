@@ -148,8 +148,13 @@ impl Cache {
             tracing::warn!(upstream = %up.name, repository = %name, digest = %d, dropped = total - manifests.len(), "referrers entries that are not descriptors were left out");
         }
         let meta = ReferrersMeta { checked_ms: now_ms(), source: source.as_str().to_owned(), manifests };
-        let (store, m) = (self.store.clone(), meta.clone());
-        blocking(move || store.put_referrers(&key, &d, &m)).await?;
+        // An empty list is kept only for a subject wharf holds: asking about digests of
+        // nothing (any client can make them up) must not grow the index.
+        let keep = !meta.manifests.is_empty() || self.store.manifest(&key, &d)?.is_some();
+        if keep {
+            let (store, m) = (self.store.clone(), meta.clone());
+            blocking(move || store.put_referrers(&key, &d, &m)).await?;
+        }
         Ok(meta)
     }
 }
