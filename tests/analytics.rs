@@ -252,6 +252,8 @@ fn the_dashboard_names_only_metrics_wharf_exports() {
         "wharf_cache_evicted_bytes_total",
         "wharf_cache_evictions_total",
         "wharf_cache_uncached_downloads_total",
+        "wharf_referrers_requests_total",
+        "wharf_referrer_fetches_total",
     ] {
         assert!(text.contains(wanted), "the dashboard shows {wanted}");
     }
