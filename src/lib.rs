@@ -5,11 +5,13 @@
 //! - [`api`]: parses `/v2/…` paths into typed routes, negotiates, and builds every client
 //!   response (errors become OCI error JSON in one place).
 //! - [`cache`]: read-through decisions: hit or miss, single-flight fetches, streaming
-//!   verification of blobs, tag revalidation with an upstream HEAD, stale-on-error, and
-//!   the cache's lifecycle (size cap, LRU eviction, pins, garbage collection).
+//!   verification of blobs, tag revalidation with an upstream HEAD, stale-on-error,
+//!   referrers lists (upstream API, tag schema, or the cache's own subjects), and the
+//!   cache's lifecycle (size cap, LRU eviction, pins, garbage collection).
 //! - [`store`]: blob bytes behind one [`store::BlobBackend`] (the storage tree in
 //!   distribution's layout is the first), the sled index derived from the tree with per-tag
-//!   history, and the analytics counters that are not derivable.
+//!   history and which manifest refers to which, and the analytics counters that are not
+//!   derivable.
 //! - [`upstream`]: one HTTP client per configured registry, with auth and timeouts.
 //! - [`auth`]: downstream access control: who a request is (htpasswd, client
 //!   certificates) and which repositories that identity may pull.
