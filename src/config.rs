@@ -360,6 +360,9 @@ pub struct UpstreamConfig {
     /// image is pushed.
     #[serde(with = "humantime_serde", default = "default_referrers_ttl")]
     pub referrers_ttl: Duration,
+    /// Most pages of one referrers list followed upstream (each at most 4 MiB).
+    #[serde(default = "default_referrers_max_pages")]
+    pub referrers_max_pages: usize,
     /// Limit on establishing a connection to the upstream.
     #[serde(with = "humantime_serde", default = "default_connect_timeout")]
     pub connect_timeout: Duration,
@@ -388,6 +391,9 @@ pub struct UpstreamConfig {
 
 fn default_referrers_ttl() -> Duration {
     Duration::from_secs(300)
+}
+fn default_referrers_max_pages() -> usize {
+    32
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
@@ -442,6 +448,7 @@ impl UpstreamConfig {
             password_file: None,
             tag_ttl: Duration::ZERO,
             referrers_ttl: default_referrers_ttl(),
+            referrers_max_pages: default_referrers_max_pages(),
             connect_timeout: default_connect_timeout(),
             response_timeout: default_response_timeout(),
             idle_timeout: default_idle_timeout(),

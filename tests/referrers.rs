@@ -299,3 +299,17 @@ async fn a_manifest_of_a_media_type_wharf_does_not_know_is_served_as_the_upstrea
     assert_eq!(r.headers()["content-type"], custom);
     assert_eq!(r.bytes().await.expect("body").to_vec(), bytes);
 }
+
+#[tokio::test]
+async fn an_upstream_list_longer_than_referrers_max_pages_is_cut_there() {
+    let fake = Fake::start().await;
+    let subject = fake_image(&fake, "app", "v1");
+    let list: Vec<Value> =
+        (0..5).map(|i| desc(&format!("sha256:{}", i.to_string().repeat(64)), SIG)).collect();
+    fake.set_referrers("app", &subject, list.clone());
+    let w = Wharf::start(&fake.url(), "referrers_max_pages = 2");
+    let (status, _, index) = get_json(&w.url(&format!("/v2/app/referrers/{subject}"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(index["manifests"], Value::Array(list[..4].to_vec()), "two pages of two");
+    assert_eq!(fake.seen().iter().filter(|s| s.path.contains("/referrers/")).count(), 2);
+}

@@ -77,6 +77,7 @@ pub struct Upstream {
     pub tag_ttl: Duration,
     /// How long a referrers list is served without asking again.
     pub referrers_ttl: Duration,
+    referrers_max_pages: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -132,6 +133,7 @@ impl Upstream {
             response_timeout: cfg.response_timeout,
             tag_ttl: cfg.tag_ttl,
             referrers_ttl: cfg.referrers_ttl,
+            referrers_max_pages: cfg.referrers_max_pages.max(1),
             metrics,
         })
     }
@@ -510,7 +512,7 @@ impl Upstream {
     }
 
     /// The upstream's referrers API for `d`, every page of it (at most
-    /// [`MAX_REFERRER_PAGES`], each within the manifest size limit): the descriptors of the
+    /// `referrers_max_pages`, each within the manifest size limit): the descriptors of the
     /// index. `None` when the upstream has no referrers API: it answers 404, 405 or 400,
     /// or sends the request to another host.
     pub async fn referrers(
@@ -520,7 +522,7 @@ impl Upstream {
     ) -> Result<Option<Vec<serde_json::Value>>, UpstreamError> {
         let mut url = self.url(repo, "referrers", &d.to_string())?;
         let mut out = Vec::new();
-        for _ in 0..MAX_REFERRER_PAGES {
+        for _ in 0..self.referrers_max_pages {
             let resp = match self
                 .send(Method::GET, url.clone(), repo.as_str(), &pull_scope(repo), Some(OCI_INDEX))
                 .await
@@ -549,13 +551,10 @@ impl Upstream {
                 None => return Ok(Some(out)),
             }
         }
-        tracing::warn!(upstream = %self.name, repository = %repo, digest = %d, pages = MAX_REFERRER_PAGES, "referrers list cut at the page limit");
+        tracing::warn!(upstream = %self.name, repository = %repo, digest = %d, pages = self.referrers_max_pages, "referrers list cut at referrers_max_pages");
         Ok(Some(out))
     }
 }
-
-/// Most pages of one referrers list followed upstream.
-pub const MAX_REFERRER_PAGES: usize = 32;
 
 /// The target of a `Link: <…>; rel="next"` header.
 fn next_link(h: &header::HeaderMap) -> Option<String> {
