@@ -154,7 +154,12 @@ start_proxy() { # NAME PORT -> PID (fresh data dir)
 stop_proxy() { # NAME PID: stop, keep logs, drop data
   halt "$2"
   mkdir -p "$RUN/logs"
-  cp "$RUN/data/$1"/*.log "$RUN/logs/" 2>/dev/null || true
+  # Appended per proxy: every repetition's log survives, and two wharf builds do not
+  # overwrite each other's.
+  local f
+  for f in "$RUN/data/$1"/*.log; do
+    [[ -e $f ]] && { echo "=== repetition $rep"; cat "$f"; } >>"$RUN/logs/$1-$(basename "$f")"
+  done
   rm -rf "$RUN/data/$1"
 }
 
