@@ -442,19 +442,28 @@ fn listing_response(
     let h = r.headers_mut();
     h.insert("wharf-source", HeaderValue::from_static(if page.from_cache { "cache" } else { "upstream" }));
     if let (true, Some(last)) = (page.more, page.names.last()) {
-        let mut q = url::form_urlencoded::Serializer::new(String::new());
-        if let Some(n) = query.n {
-            q.append_pair("n", &n.to_string());
-        }
-        q.append_pair("last", last);
-        if let Some(ns) = &query.ns {
-            q.append_pair("ns", ns);
-        }
-        if let Ok(v) = HeaderValue::from_str(&format!("<{path}?{}>; rel=\"next\"", q.finish())) {
+        if let Some(v) = next_page_link(path, query, last, None) {
             h.insert(header::LINK, v);
         }
     }
     r
+}
+
+/// `Link: <path?n=&last=…>; rel="next"`, keeping the client's `n`, `ns` and (for referrers)
+/// `artifactType`.
+fn next_page_link(path: &str, query: &Query, last: &str, artifact_type: Option<&str>) -> Option<HeaderValue> {
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    if let Some(n) = query.n {
+        q.append_pair("n", &n.to_string());
+    }
+    q.append_pair("last", last);
+    if let Some(t) = artifact_type {
+        q.append_pair("artifactType", t);
+    }
+    if let Some(ns) = &query.ns {
+        q.append_pair("ns", ns);
+    }
+    HeaderValue::from_str(&format!("<{path}?{}>; rel=\"next\"", q.finish())).ok()
 }
 
 /// Most descriptors in one page of a referrers answer when the client does not ask for `n`
@@ -494,18 +503,7 @@ fn referrers_response(
     }
     let last = page.last().and_then(|m| m.get("digest")).and_then(|d| d.as_str());
     if let (true, Some(last)) = (more, last) {
-        let mut q = url::form_urlencoded::Serializer::new(String::new());
-        if let Some(n) = query.n {
-            q.append_pair("n", &n.to_string());
-        }
-        q.append_pair("last", last);
-        if let Some(t) = &query.artifact_type {
-            q.append_pair("artifactType", t);
-        }
-        if let Some(ns) = &query.ns {
-            q.append_pair("ns", ns);
-        }
-        if let Ok(v) = HeaderValue::from_str(&format!("<{path}?{}>; rel=\"next\"", q.finish())) {
+        if let Some(v) = next_page_link(path, query, last, query.artifact_type.as_deref()) {
             h.insert(header::LINK, v);
         }
     }

@@ -19,17 +19,33 @@ pub fn sha256(b: &[u8]) -> String {
 
 /// Deterministic pseudo-random bytes (xorshift), incompressible enough for realistic layers.
 pub fn noise(seed: &str, len: usize) -> Vec<u8> {
-    let mut x: u64 =
+    let state =
         0x9E37_79B9_7F4A_7C15 ^ seed.bytes().fold(0u64, |a, b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    noise_chunks(state, len as u64).flatten().collect()
+}
+
+/// The same xorshift stream from `state`, in 1 MiB chunks generated as they are read (a
+/// multi-GiB layer never sits in memory).
+pub fn noise_chunks(state: u64, len: u64) -> impl Iterator<Item = Vec<u8>> {
+    const CHUNK: u64 = 1 << 20;
+    let mut x = state.max(1);
+    let mut left = len;
+    std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let n = left.min(CHUNK) as usize;
+        let mut out = Vec::with_capacity(n + 8);
+        while out.len() < n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        out.truncate(n);
+        left -= n as u64;
+        Some(out)
+    })
 }
 
 /// What a written layout holds.

@@ -4,7 +4,7 @@
 use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
 
-use super::image::sha256;
+use super::image::{noise_chunks, sha256};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
@@ -34,30 +34,6 @@ pub async fn blob(registry: &str, repo: &str, bytes: &[u8]) -> String {
         .expect("upload");
     assert_eq!(r.status(), 201, "blob upload to {repo}: {}", r.text().await.unwrap_or_default());
     d
-}
-
-/// Deterministic pseudo-random chunks totalling `len` bytes, generated as they are read
-/// (a multi-GiB layer never sits in memory).
-pub fn noise_chunks(seed: u64, len: u64) -> impl Iterator<Item = Vec<u8>> {
-    const CHUNK: u64 = 1 << 20;
-    let mut x = seed | 1;
-    let mut left = len;
-    std::iter::from_fn(move || {
-        if left == 0 {
-            return None;
-        }
-        let n = left.min(CHUNK) as usize;
-        let mut out = Vec::with_capacity(n + 8);
-        while out.len() < n {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-        out.truncate(n);
-        left -= n as u64;
-        Some(out)
-    })
 }
 
 /// Pushes a large generated blob without holding it; returns its digest.
