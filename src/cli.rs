@@ -1,4 +1,4 @@
-//! Command-line interface: `serve`, `history`, `stats`, `reindex`, `gc`.
+//! Command-line interface: `serve`, `history`, `stats`, `reindex`, `gc`, `check-config`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -65,6 +65,13 @@ pub enum Command {
         /// Print JSON instead of a summary.
         #[arg(long)]
         json: bool,
+    },
+    /// Check a configuration file: parse and validate it as `serve` would, and print the
+    /// effective configuration (defaults filled in, secrets redacted) as JSON. Exits
+    /// non-zero with the key and the reason when it is not valid.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
     },
     /// Print what the index holds, without times, as JSON (server stopped). For checking
     /// an index against one `reindex` rebuilt.

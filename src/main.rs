@@ -43,6 +43,7 @@ fn main() -> ExitCode {
         Command::Reindex => reindex(&config),
         Command::Gc { dry_run, json } => rt.block_on(gc(config, dry_run, json)),
         Command::DumpIndex => dump_index(&config),
+        Command::CheckConfig { file } => check_config(&file),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -229,6 +230,32 @@ fn reindex(config: &Config) -> Res {
     store.close()?;
     println!("{}", serde_json::to_string(&stats)?);
     Ok(())
+}
+
+/// `wharf check-config FILE`: the effective configuration, or why the file is refused.
+fn check_config(file: &Path) -> Res {
+    let config = Config::load(Some(file), &wharf::config::Overrides::default())?;
+    let mut v = serde_json::to_value(&config)?;
+    redact(&mut v);
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+/// Replaces every `password` value with a placeholder.
+fn redact(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                if k == "password" && !x.is_null() {
+                    *x = "<redacted>".into();
+                } else {
+                    redact(x);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(redact),
+        _ => {}
+    }
 }
 
 fn dump_index(config: &Config) -> Res {

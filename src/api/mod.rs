@@ -65,7 +65,7 @@ async fn answer(state: AppState, req: Request<Incoming>, client: IpAddr, port: P
         let route = route?;
         let admin_route = route.is_admin();
         match (port, admin_route) {
-            (Port::Admin, false) if !matches!(route, Route::Health) => return Err(ApiError::NotFound(
+            (Port::Admin, false) if !matches!(route, Route::Health | Route::Ready) => return Err(ApiError::NotFound(
                 "this address serves /metrics and /_wharf/* only; the registry API is on the main listener"
                     .into(),
             )),
@@ -147,7 +147,7 @@ async fn identify(
     route: &Route,
 ) -> Result<Identity, ApiError> {
     let auth = &state.auth;
-    if matches!(route, Route::Health) {
+    if matches!(route, Route::Health | Route::Ready) {
         return Ok(Identity::Anonymous);
     }
     let token_route = matches!(route, Route::Token);
@@ -204,6 +204,21 @@ async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Respo
     match route {
         Route::Base => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{}"), head)),
         Route::Health => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"), head)),
+        Route::Ready => {
+            let store = state.store().clone();
+            let ready = tokio::task::spawn_blocking(move || store.check_ready())
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            match ready {
+                Ok(()) => {
+                    Ok(json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ready\"}"), head))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "not ready");
+                    Err(ApiError::Unavailable(format!("not ready: {e}")))
+                }
+            }
+        }
         Route::Token => {
             let token = state.auth.issue_token(&req.identity);
             let json = serde_json::json!({

@@ -29,6 +29,8 @@ pub enum Route {
     Gc,
     /// `/_wharf/health`
     Health,
+    /// `/_wharf/ready`: the index is open and the data dir takes writes.
+    Ready,
     /// `/_wharf/token`: a bearer token for the credentials (or certificate) presented.
     Token,
 }
@@ -54,6 +56,7 @@ impl Route {
             Route::Stats => "stats",
             Route::Gc => "gc",
             Route::Health => "health",
+            Route::Ready => "ready",
             Route::Token => "token",
         }
     }
@@ -72,6 +75,7 @@ pub fn parse(path: &str) -> Result<Route, ApiError> {
         "/v2/_catalog" => return Ok(Route::Catalog),
         "/metrics" => return Ok(Route::Metrics),
         "/_wharf/health" => return Ok(Route::Health),
+        "/_wharf/ready" => return Ok(Route::Ready),
         "/_wharf/stats" => return Ok(Route::Stats),
         "/_wharf/gc" => return Ok(Route::Gc),
         "/_wharf/token" => return Ok(Route::Token),

@@ -581,6 +581,14 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the store can serve and cache now: the index answers a read and the data
+    /// dir takes a write (a full or read-only disk, or a lost mount, says why).
+    pub fn check_ready(&self) -> Result<(), StoreError> {
+        self.index.is_built()?;
+        self.tree.probe_write()?;
+        Ok(())
+    }
+
     /// The referrers list the upstream last gave for `d` in `r`.
     pub fn referrers(&self, r: &RepoKey, d: &Digest) -> Result<Option<ReferrersMeta>, StoreError> {
         Ok(self.index.referrers(r, d)?)

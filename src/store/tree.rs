@@ -107,6 +107,14 @@ impl Tree {
         Ok((f, path))
     }
 
+    /// Writes and removes a small temp file: whether the data dir takes writes now.
+    pub fn probe_write(&self) -> io::Result<()> {
+        let (mut f, path) = self.new_spool()?;
+        let res = f.write_all(b"ready").and_then(|_| f.sync_data());
+        let _ = fs::remove_file(&path);
+        res
+    }
+
     /// Removes the `_layers` links of `digests` in every repository, so a stock registry
     /// reading the tree never lists a layer whose data is gone. One walk for the batch.
     pub fn remove_layer_links(&self, digests: &HashSet<&str>) -> io::Result<u64> {

@@ -116,6 +116,13 @@ impl Upstream {
                 })
                 .collect()
         };
+        // The failure series exist at 0 from the start, so a dashboard or an alert reads 0
+        // rather than "no data" until the first failure.
+        metrics.digest_mismatch.with_label_values(&[&cfg.name]);
+        metrics.stale_served.with_label_values(&[&cfg.name]);
+        for kind in ["connect", "timeout", "request", "status", "auth"] {
+            metrics.upstream_errors.with_label_values(&[&cfg.name, kind]);
+        }
         let mut base = cfg.url.clone();
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));

@@ -1,0 +1,89 @@
+//! What a deployment leans on: the readiness probe, `wharf check-config`, and failure
+//! series that read 0 from the start (so dashboards and alerts never see "no data").
+
+mod common;
+
+use common::{wharf_bin, Registry, Wharf};
+
+#[tokio::test]
+async fn ready_says_whether_the_data_dir_takes_writes() {
+    let reg = Registry::start();
+    let w = Wharf::start(&reg.url(), "");
+    let r = reqwest::get(w.url("/_wharf/ready")).await.expect("ready");
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["status"], "ready");
+    // The data dir stops taking writes (a read-only or lost mount): not ready, with an OCI
+    // error that says why; health (liveness) is unaffected.
+    let tmp = w.data.join("wharf/tmp");
+    let kept = w.data.join("wharf/tmp-kept");
+    std::fs::rename(&tmp, &kept).expect("move tmp away");
+    std::fs::write(&tmp, b"not a directory").expect("block tmp");
+    let r = reqwest::get(w.url("/_wharf/ready")).await.expect("ready");
+    assert_eq!(r.status(), 503);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["errors"][0]["code"], "UNAVAILABLE");
+    assert!(v["errors"][0]["message"].as_str().expect("message").starts_with("not ready"));
+    assert_eq!(reqwest::get(w.url("/_wharf/health")).await.expect("health").status(), 200);
+    std::fs::remove_file(&tmp).expect("unblock");
+    std::fs::rename(&kept, &tmp).expect("restore tmp");
+    assert_eq!(reqwest::get(w.url("/_wharf/ready")).await.expect("ready").status(), 200);
+}
+
+#[tokio::test]
+async fn failure_series_exist_at_zero_for_every_upstream() {
+    let reg = Registry::start();
+    let w = Wharf::with_config(&format!(
+        "[[upstreams]]\nname = \"registry.test\"\nurl = \"{}\"\ninsecure = true\n\
+         [[upstreams]]\nname = \"other.test\"\nurl = \"{}\"\ninsecure = true\n",
+        reg.url(),
+        reg.url()
+    ));
+    let text = reqwest::get(w.url("/metrics")).await.expect("metrics").text().await.expect("text");
+    for upstream in ["registry.test", "other.test"] {
+        for series in [
+            format!("wharf_digest_mismatch_total{{upstream=\"{upstream}\"}} 0"),
+            format!("wharf_stale_served_total{{upstream=\"{upstream}\"}} 0"),
+            format!("wharf_upstream_errors_total{{kind=\"connect\",upstream=\"{upstream}\"}} 0"),
+            format!("wharf_upstream_errors_total{{kind=\"status\",upstream=\"{upstream}\"}} 0"),
+        ] {
+            assert!(text.lines().any(|l| l == series), "{series} missing");
+        }
+    }
+}
+
+#[test]
+fn check_config_prints_the_effective_configuration_without_secrets_or_says_what_is_wrong() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[[upstreams]]\nname = \"ghcr.io\"\nurl = \"https://ghcr.io\"\nusername = \"me\"\npassword = \"hunter2\"\n\
+         [cache]\nmax_size = \"10GiB\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(wharf_bin()).arg("check-config").arg(&good).output().expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("hunter2"), "the password is never printed");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(v["upstreams"][0]["name"], "ghcr.io");
+    assert_eq!(v["upstreams"][0]["password"], "<redacted>");
+    assert_eq!(v["upstreams"][0]["referrers_ttl"], "5m", "defaults are filled in");
+    assert_eq!(v["cache"]["max_size"], (10u64 << 30).to_string());
+
+    for (body, key) in [
+        ("[cache]\nmax_size = \"lots\"\n", "max_size"),
+        ("[server]\nno_such_key = 1\n", "no_such_key"),
+        ("[[upstreams]]\nname = \"x.io\"\nurl = \"http://x.io\"\n", "insecure"),
+    ] {
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, body).expect("write");
+        let out =
+            std::process::Command::new(wharf_bin()).arg("check-config").arg(&bad).output().expect("runs");
+        assert!(!out.status.success(), "{body} is refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{body}: the error names {key}: {err}");
+        assert!(out.stdout.is_empty());
+    }
+}
