@@ -66,6 +66,28 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Point containerd on this node at a wharf mirror: one certs.d/<registry>/hosts.toml
+    /// per registry, mirror first and the registry itself as fallback. What was there is
+    /// kept and `--restore` puts it back. Idempotent.
+    ConfigureContainerd {
+        /// The mirror's URL as this node reaches it (no cluster DNS: an IP or node-resolvable
+        /// name), e.g. http://10.96.0.50:5000.
+        #[arg(long, required_unless_present = "restore")]
+        mirror: Option<Url>,
+        /// Registries to mirror, comma-separated (default: docker.io).
+        #[arg(long, value_delimiter = ',', conflicts_with = "from_config")]
+        registries: Vec<String>,
+        /// Mirror every upstream of this wharf configuration file, at its configured URL.
+        #[arg(long)]
+        from_config: Option<PathBuf>,
+        /// containerd's hosts directory (its `config_path`).
+        #[arg(long, default_value = "/etc/containerd/certs.d")]
+        dir: PathBuf,
+        /// Put back what was there before (for the registries given, or every one
+        /// configured here).
+        #[arg(long)]
+        restore: bool,
+    },
     /// Check a configuration file: parse and validate it as `serve` would, and print the
     /// effective configuration (defaults filled in, secrets redacted) as JSON. Exits
     /// non-zero with the key and the reason when it is not valid.

@@ -18,7 +18,8 @@
 //! - [`analytics`]: the one place requests are accounted: pulls by tag and platform,
 //!   bounded label cardinality, per-day counts kept in the store's analytics db.
 //!
-//! Around them: [`config`] (layered configuration), [`server`] (accept loop, TLS with
+//! Around them: [`config`] (layered configuration), [`containerd`] (node configuration:
+//! containerd's hosts.toml pointing at the mirror), [`server`] (accept loop, TLS with
 //! certificate reload, graceful shutdown, and the limits a hostile client meets), [`metrics`] (every metric, defined once), [`oci`]
 //! (the grammar's newtypes), [`zerocopy`] (stored blobs sent by `sendfile` on plain-TCP
 //! HTTP/1 connections). [`api::resolve`] is where a request finds its upstream.
@@ -29,6 +30,7 @@ pub mod auth;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod containerd;
 pub mod metrics;
 pub mod oci;
 pub mod server;

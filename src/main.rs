@@ -44,6 +44,9 @@ fn main() -> ExitCode {
         Command::Gc { dry_run, json } => rt.block_on(gc(config, dry_run, json)),
         Command::DumpIndex => dump_index(&config),
         Command::CheckConfig { file } => check_config(&file),
+        Command::ConfigureContainerd { mirror, registries, from_config, dir, restore } => {
+            configure_containerd(mirror.as_ref(), &registries, from_config.as_deref(), &dir, restore)
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -229,6 +232,52 @@ fn reindex(config: &Config) -> Res {
     let stats = store.reindex()?;
     store.close()?;
     println!("{}", serde_json::to_string(&stats)?);
+    Ok(())
+}
+
+/// `wharf configure-containerd`: writes (or with `restore`, undoes) hosts.toml files.
+fn configure_containerd(
+    mirror: Option<&url::Url>,
+    registries: &[String],
+    from_config: Option<&Path>,
+    dir: &Path,
+    restore: bool,
+) -> Res {
+    use wharf::containerd::{self, Change, Registry};
+    if restore {
+        let hosts = match registries.is_empty() {
+            true => containerd::configured(dir)?,
+            false => registries.to_vec(),
+        };
+        for h in hosts {
+            let what = match containerd::restore(dir, &h)? {
+                Change::NotOurs => "nothing of wharf's there; left alone",
+                _ => "restored",
+            };
+            println!("{h}: {what}");
+        }
+        return Ok(());
+    }
+    let mirror = mirror.ok_or("--mirror is required")?;
+    let regs: Vec<Registry> = match (from_config, registries.is_empty()) {
+        (Some(file), _) => Config::load(Some(file), &wharf::config::Overrides::default())?
+            .upstreams
+            .iter()
+            .map(|u| Registry::from_upstream(&u.name, &u.url))
+            .collect::<Result<_, _>>()?,
+        (None, true) => vec![Registry::from_host("docker.io")?],
+        (None, false) => registries.iter().map(|h| Registry::from_host(h)).collect::<Result<_, _>>()?,
+    };
+    for r in regs {
+        let what = match containerd::configure(dir, &r, mirror)? {
+            Change::Written { backed_up: true } => {
+                "written (the previous hosts.toml is kept as hosts.toml.wharf-backup)"
+            }
+            Change::Written { backed_up: false } => "written",
+            _ => "already configured",
+        };
+        println!("{}: {what}", r.host);
+    }
     Ok(())
 }
 

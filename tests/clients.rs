@@ -441,3 +441,102 @@ fn containerd_pulls_with_an_authorization_header_from_hosts_toml() {
     assert!(images.contains(&img.index), "containerd resolved the upstream's index: {images}");
     assert!(w.log().contains("user=\"node\"") || w.log().contains("user=node"));
 }
+
+/// Every file below `dir` with its bytes.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    common::tree_listing(dir)
+        .into_iter()
+        .map(|(p, _)| {
+            let bytes = std::fs::read(dir.join(&p)).expect("read");
+            (p, bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn configure_containerd_points_a_node_at_wharf_for_every_upstream_and_restores_it() {
+    let (reg, other) = (Registry::start(), Registry::start());
+    let work = tempfile::tempdir().expect("tempdir");
+    let img = reg.seed_with(work.path(), "node-a", "demo/a:latest", LAYERS, false);
+    let img2 = other.seed_with(work.path(), "node-b", "demo/b:latest", LAYERS, false);
+    let w = Wharf::with_config(&format!(
+        "[[upstreams]]\nname = \"registry.test\"\nurl = \"{}\"\ninsecure = true\n\
+         [[upstreams]]\nname = \"other.test\"\nurl = \"{}\"\ninsecure = true\n",
+        reg.url(),
+        other.url()
+    ));
+    // A node that already has a hosts.toml for one registry, and one for a registry wharf
+    // does not mirror.
+    let certs = work.path().join("certs.d");
+    std::fs::create_dir_all(certs.join("registry.test")).expect("mkdir");
+    std::fs::create_dir_all(certs.join("quay.io")).expect("mkdir");
+    std::fs::write(certs.join("registry.test/hosts.toml"), format!("server = \"{}\"\n", reg.url()))
+        .expect("write");
+    std::fs::write(certs.join("quay.io/hosts.toml"), "server = \"https://quay.io\"\n").expect("write");
+    let before = snapshot(&certs);
+
+    let configure = |extra: &[&str]| {
+        let out = Command::new(common::wharf_bin())
+            .arg("configure-containerd")
+            .args(["--mirror", &format!("http://{}", w.host())])
+            .arg("--from-config")
+            .arg(&w.config)
+            .arg("--dir")
+            .arg(&certs)
+            .args(extra)
+            .output()
+            .expect("wharf runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = configure(&[]);
+    assert!(said.contains("registry.test: written (the previous hosts.toml is kept"), "{said}");
+    assert!(said.contains("other.test: written"), "{said}");
+    let configured = snapshot(&certs);
+    let hosts = std::fs::read_to_string(certs.join("other.test/hosts.toml")).expect("hosts.toml");
+    assert!(
+        hosts.contains(&format!("server = \"{}\"", other.url())),
+        "the registry stays the fallback: {hosts}"
+    );
+    assert!(hosts.contains(&format!("[host.\"http://{}\"]", w.host())));
+    // Idempotent.
+    let said = configure(&[]);
+    assert!(said.contains("registry.test: already configured"), "{said}");
+    assert_eq!(snapshot(&certs), configured);
+
+    // containerd pulls both registries' images through wharf.
+    let ctd = Containerd::start();
+    for image in ["registry.test/demo/a:latest", "other.test/demo/b:latest"] {
+        let out = ctd.ctr(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            certs.to_str().expect("utf-8"),
+            "--snapshotter",
+            "native",
+            "--platform",
+            "linux/amd64",
+            image,
+        ]);
+        assert!(out.status.success(), "ctr pull {image}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    for (upstream, manifest) in [("registry.test", &img.images[0]), ("other.test", &img2.images[0])] {
+        let served = rt.block_on(w.metric("wharf_manifest_requests_total", &[("upstream", upstream)]));
+        assert!(served >= 2.0, "{upstream}: the tag and the image came through wharf ({served})");
+        assert!(
+            w.log().contains(&format!("{manifest}?ns={upstream}")),
+            "{upstream} image manifest via wharf"
+        );
+    }
+
+    // Restored: the directory is byte for byte what it was.
+    let out = Command::new(common::wharf_bin())
+        .args(["configure-containerd", "--restore", "--dir"])
+        .arg(&certs)
+        .output()
+        .expect("wharf runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(snapshot(&certs), before);
+    assert!(!certs.join("other.test").exists());
+}
