@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs the Debian packages the tests
 # drive when they are missing (a real upstream registry; real clients: skopeo,
-# containerd's ctr, the docker daemon; Prometheus and promtool) and the oras Python client
+# containerd's ctr, the docker daemon; Prometheus and promtool; systemd-analyze) and the oras Python client
 # (PyPI, into .tools/python), then runs `cargo test`. Extra arguments go to
 # cargo test. The client tests start private daemons, so they need root.
 set -euo pipefail
@@ -15,6 +15,7 @@ command -v containerd >/dev/null || need+=(containerd)
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v runc >/dev/null || need+=(runc)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v python3 >/dev/null || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if ((${#need[@]})); then

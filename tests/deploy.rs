@@ -87,3 +87,55 @@ fn check_config_prints_the_effective_configuration_without_secrets_or_says_what_
         assert!(out.stdout.is_empty());
     }
 }
+
+#[test]
+fn the_systemd_unit_verifies_and_is_rated_ok_or_better() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/systemd/wharf.service"))
+        .expect("deploy/systemd/wharf.service");
+    for key in ["DynamicUser=yes", "StateDirectory=wharf", "ProtectSystem=strict", "NoNewPrivileges=yes"] {
+        assert!(unit.lines().any(|l| l == key), "{key}");
+    }
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    // verify wants the ExecStart binary to exist: the unit as installed, pointing at this build.
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("wharf.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/wharf", wharf_bin())).expect("write");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze runs (apt-get install systemd)");
+    assert!(
+        out.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let overall = text.lines().find(|l| l.contains("Overall exposure level")).expect("an overall rating");
+    let mut words = overall.rsplit(':').next().unwrap_or_default().split_whitespace();
+    let score: f64 = words.next().and_then(|s| s.parse().ok()).expect("a score");
+    let level = words.next().unwrap_or_default();
+    eprintln!("systemd-analyze security: {score} {level}");
+    assert!(matches!(level, "OK" | "SAFE"), "{overall}");
+    assert!(score < 2.0, "{overall}");
+}
+
+#[tokio::test]
+async fn sighup_is_a_reload_not_a_termination() {
+    let reg = Registry::start();
+    let w = Wharf::start(&reg.url(), "");
+    let pid = w.pid().to_string();
+    let sent = std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill");
+    assert!(sent.success());
+    // The handler has run once it logged; the process must then still be there and serving.
+    common::wait_for(10, "the SIGHUP to be handled", || w.log().contains("SIGHUP").then_some(()));
+    let alive = std::process::Command::new("kill").args(["-0", &pid]).status().expect("kill -0");
+    assert!(alive.success(), "wharf survived SIGHUP");
+    assert_eq!(reqwest::get(w.url("/_wharf/health")).await.expect("health").status(), 200);
+}

@@ -154,6 +154,17 @@ pub async fn serve_with_admin(
         }
         None => None,
     };
+    // SIGHUP is a reload (systemd's ExecReload, kill -HUP), never the default termination:
+    // the certificates re-read themselves on it (above), the rest of what can change on
+    // disk (htpasswd) is re-read when it changes.
+    let hangup = tokio::spawn(async {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: certificates are reloaded; htpasswd is re-read when it changes");
+        }
+    });
     let graceful = GracefulShutdown::new();
     let flusher = tokio::spawn(flush_access_periodically(state.clone()));
     let limits = state.config.server.clone();
@@ -219,6 +230,7 @@ pub async fn serve_with_admin(
     drop(listener);
     let _ = stop_tx.send(true);
     flusher.abort();
+    hangup.abort();
     if let Some(a) = admin {
         a.abort();
     }
