@@ -139,3 +139,19 @@ async fn sighup_is_a_reload_not_a_termination() {
     assert!(alive.success(), "wharf survived SIGHUP");
     assert_eq!(reqwest::get(w.url("/_wharf/health")).await.expect("health").status(), 200);
 }
+
+#[test]
+fn the_node_examples_are_what_configure_containerd_writes() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mirror = url::Url::parse("http://wharf.example.internal:5000").expect("url");
+    for r in ["docker.io", "ghcr.io", "registry.internal:5000"] {
+        let example = std::fs::read_to_string(root.join("containerd/certs.d").join(r).join("hosts.toml"))
+            .unwrap_or_else(|e| panic!("{r}: {e}"));
+        let reg = wharf::containerd::Registry::from_host(r).expect("registry");
+        assert_eq!(example, wharf::containerd::hosts_toml(&reg, &mirror).expect("hosts.toml"), "{r}");
+    }
+    let daemon: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("docker/daemon.json")).expect("daemon.json"))
+            .expect("JSON");
+    assert_eq!(daemon["registry-mirrors"][0], "http://wharf.example.internal:5000");
+}
