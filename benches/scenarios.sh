@@ -168,6 +168,10 @@ scenarios() { # NAME PORT
   pid=$(start_proxy "$name" "$port"); PIDS+=("$pid")
   n0=$(origin_lines); record "$name" a_cold_pull_s "$(pull "$host/bench/app:latest" "$RUN/out")"
   record "$name" a_cold_pull_origin_requests "$(origin_requests_since "$n0")"
+  # What the proxy says of itself right after a cold pull (wharf: connection closes by
+  # reason, downloads, errors), kept for when a pull fails or stalls.
+  mkdir -p "$RUN/logs"
+  curl -s -m 5 "http://$host/metrics" >"$RUN/logs/$name-rep$rep-after-cold-pull.metrics" 2>/dev/null || true
   n0=$(origin_lines); record "$name" b_warm_pull_s "$(pull "$host/bench/app:latest" "$RUN/out")"
   record "$name" b_warm_pull_origin_requests "$(origin_requests_since "$n0")"
   n0=$(origin_lines); record "$name" c_head_tag_rps "$(ab_head_rate "http://$host/v2/bench/app/manifests/latest")"
