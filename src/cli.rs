@@ -87,6 +87,10 @@ pub enum Command {
         /// configured here).
         #[arg(long)]
         restore: bool,
+        /// After configuring, keep running until SIGTERM or SIGINT, then restore: a
+        /// DaemonSet pod's life is the node's configuration (uninstalling restores).
+        #[arg(long, conflicts_with = "restore")]
+        hold: bool,
     },
     /// Check a configuration file: parse and validate it as `serve` would, and print the
     /// effective configuration (defaults filled in, secrets redacted) as JSON. Exits

@@ -44,8 +44,16 @@ fn main() -> ExitCode {
         Command::Gc { dry_run, json } => rt.block_on(gc(config, dry_run, json)),
         Command::DumpIndex => dump_index(&config),
         Command::CheckConfig { file } => check_config(&file),
-        Command::ConfigureContainerd { mirror, registries, from_config, dir, restore } => {
-            configure_containerd(mirror.as_ref(), &registries, from_config.as_deref(), &dir, restore)
+        Command::ConfigureContainerd { mirror, registries, from_config, dir, restore, hold } => {
+            let res =
+                configure_containerd(mirror.as_ref(), &registries, from_config.as_deref(), &dir, restore);
+            match (res, hold) {
+                (Ok(()), true) => rt.block_on(wait_for_stop()).and_then(|()| {
+                    eprintln!("wharf: stopping; restoring containerd's hosts");
+                    configure_containerd(None, &[], None, &dir, true)
+                }),
+                (res, _) => res,
+            }
         }
     };
     match res {
@@ -277,6 +285,18 @@ fn configure_containerd(
             _ => "already configured",
         };
         println!("{}: {what}", r.host);
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn wait_for_stop() -> Res {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
     Ok(())
 }
