@@ -155,3 +155,39 @@ fn the_node_examples_are_what_configure_containerd_writes() {
             .expect("JSON");
     assert_eq!(daemon["registry-mirrors"][0], "http://wharf.example.internal:5000");
 }
+
+#[test]
+fn configure_containerd_hold_keeps_the_node_configured_until_it_is_stopped() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let certs = dir.path().join("certs.d");
+    std::fs::create_dir_all(certs.join("docker.io")).expect("mkdir");
+    let original = "server = \"https://registry-1.docker.io\"\n";
+    std::fs::write(certs.join("docker.io/hosts.toml"), original).expect("write");
+    let mut child = std::process::Command::new(wharf_bin())
+        .args([
+            "configure-containerd",
+            "--hold",
+            "--mirror",
+            "http://10.96.0.50:5000",
+            "--registries",
+            "docker.io,quay.io",
+            "--dir",
+        ])
+        .arg(&certs)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("wharf runs");
+    common::wait_for(10, "the hosts.toml files", || {
+        let hub = std::fs::read_to_string(certs.join("docker.io/hosts.toml")).ok()?;
+        (hub.contains("10.96.0.50:5000") && certs.join("quay.io/hosts.toml").exists()).then_some(())
+    });
+    assert!(child.try_wait().expect("wait").is_none(), "it holds");
+    let term =
+        std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(term.success());
+    let status = common::wait_for(10, "it to stop", || child.try_wait().ok().flatten());
+    assert!(status.success());
+    assert_eq!(std::fs::read_to_string(certs.join("docker.io/hosts.toml")).expect("read"), original);
+    assert!(!certs.join("quay.io").exists(), "restored on SIGTERM");
+}
