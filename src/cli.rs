@@ -1,4 +1,5 @@
-//! Command-line interface: `serve`, `history`, `stats`, `reindex`, `gc`, `check-config`.
+//! Command-line interface: `serve`, `history`, `stats`, `reindex`, `gc`, `check-config`,
+//! `configure-containerd`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
