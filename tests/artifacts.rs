@@ -449,21 +449,13 @@ async fn a_model_sized_layer_reaches_a_herd_with_one_upstream_get_and_flat_memor
 
 /// Runs the oras Python client (tests/tools/oras_client.py); its JSON answer.
 fn oras(args: &[&str]) -> Value {
-    let pythonpath = std::env::var("WHARF_TEST_PYTHONPATH")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/python").to_owned());
     let out = std::process::Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/oras_client.py"))
         .args(args)
-        .env("PYTHONPATH", pythonpath)
+        .env("PYTHONPATH", common::python_path())
         .output()
         .expect("python3 runs (scripts/test.sh installs the oras client)");
-    assert!(
-        out.status.success(),
-        "oras {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = common::succeeded(&out, &format!("oras {args:?}"));
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).unwrap_or_else(|e| panic!("oras {args:?} printed {stdout}: {e}"))
 }

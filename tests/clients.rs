@@ -239,14 +239,7 @@ impl Dockerd {
 
     /// `docker args`, which must succeed; its stdout.
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.docker(args);
-        assert!(
-            out.status.success(),
-            "docker {args:?}:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        common::succeeded(&self.docker(args), &format!("docker {args:?}"))
     }
 }
 
@@ -486,8 +479,7 @@ fn configure_containerd_points_a_node_at_wharf_for_every_upstream_and_restores_i
             .args(extra)
             .output()
             .expect("wharf runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        common::succeeded(&out, "configure-containerd")
     };
     let said = configure(&[]);
     assert!(said.contains("registry.test: written (the previous hosts.toml is kept"), "{said}");
@@ -518,7 +510,7 @@ fn configure_containerd_points_a_node_at_wharf_for_every_upstream_and_restores_i
             "linux/amd64",
             image,
         ]);
-        assert!(out.status.success(), "ctr pull {image}: {}", String::from_utf8_lossy(&out.stderr));
+        common::succeeded(&out, &format!("ctr pull {image}"));
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     for (upstream, manifest) in [("registry.test", &img.images[0]), ("other.test", &img2.images[0])] {
@@ -536,7 +528,7 @@ fn configure_containerd_points_a_node_at_wharf_for_every_upstream_and_restores_i
         .arg(&certs)
         .output()
         .expect("wharf runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    common::succeeded(&out, "configure-containerd --restore");
     assert_eq!(snapshot(&certs), before);
     assert!(!certs.join("other.test").exists());
 }

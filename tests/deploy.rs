@@ -63,8 +63,7 @@ fn check_config_prints_the_effective_configuration_without_secrets_or_says_what_
     )
     .expect("write");
     let out = std::process::Command::new(wharf_bin()).arg("check-config").arg(&good).output().expect("runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = common::succeeded(&out, "check-config");
     assert!(!text.contains("hunter2"), "the password is never printed");
     let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     assert_eq!(v["upstreams"][0]["name"], "ghcr.io");
@@ -105,12 +104,7 @@ fn the_systemd_unit_verifies_and_is_rated_ok_or_better() {
         .arg(&path)
         .output()
         .expect("systemd-analyze runs (apt-get install systemd)");
-    assert!(
-        out.status.success(),
-        "verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(&out, "systemd-analyze verify");
     let out = std::process::Command::new("systemd-analyze")
         .args(["security", "--offline=true", "--no-pager"])
         .arg(&path)

@@ -10,6 +10,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::succeeded;
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 fn chart() -> PathBuf {
@@ -25,16 +27,6 @@ fn helm(args: &[&str]) -> std::process::Output {
         .env("HELM_CONFIG_HOME", std::env::temp_dir().join("wharf-helm-config"))
         .output()
         .unwrap_or_else(|e| panic!("{bin}: {e} (scripts/test.sh installs helm into .tools)"))
-}
-
-fn ok(out: &std::process::Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn values_files() -> Vec<PathBuf> {
@@ -53,7 +45,7 @@ fn render(values: &Path) -> String {
     let args = ["template", "wharf", chart.to_str().expect("path"), "--namespace", "mirror", "-f"];
     let mut args = args.to_vec();
     args.push(values.to_str().expect("path"));
-    ok(&helm(&args), &format!("helm template {}", values.display()))
+    succeeded(&helm(&args), &format!("helm template {}", values.display()))
 }
 
 /// (kind, name, document) of every rendered document.
@@ -107,7 +99,7 @@ fn the_chart_lints_renders_and_validates_for_every_values_file() {
     for values in values_files() {
         let stem = values.file_stem().expect("stem").to_string_lossy().into_owned();
         let chart = chart();
-        ok(
+        succeeded(
             &helm(&["lint", chart.to_str().expect("path"), "-f", values.to_str().expect("path")]),
             "helm lint",
         );
@@ -155,7 +147,7 @@ fn the_chart_lints_renders_and_validates_for_every_values_file() {
                         .arg(&cfg)
                         .output()
                         .expect("wharf");
-                    let effective = ok(&out, &format!("{stem}: wharf check-config of {name}"));
+                    let effective = succeeded(&out, &format!("{stem}: wharf check-config of {name}"));
                     let v: serde_json::Value = serde_json::from_str(&effective).expect("JSON");
                     assert_eq!(v["data_dir"], "/data");
                     assert!(v["cache"]["max_size"].as_str().is_some_and(|s| s != "0"), "{stem}: a cache cap");
@@ -179,7 +171,7 @@ fn the_chart_lints_renders_and_validates_for_every_values_file() {
                         .arg(&rules)
                         .output()
                         .expect("promtool");
-                    ok(&out, &format!("{stem}: promtool check rules"));
+                    succeeded(&out, &format!("{stem}: promtool check rules"));
                     for n in metric_names(spec) {
                         assert!(
                             exported.contains(&n.as_str()),

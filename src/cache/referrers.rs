@@ -150,7 +150,7 @@ impl Cache {
         let meta = ReferrersMeta { checked_ms: now_ms(), source: source.as_str().to_owned(), manifests };
         // An empty list is kept only for a subject wharf holds: asking about digests of
         // nothing (any client can make them up) must not grow the index.
-        let keep = !meta.manifests.is_empty() || self.store.manifest(&key, &d)?.is_some();
+        let keep = !meta.manifests.is_empty() || self.store.holds_manifest(&key, &d)?;
         if keep {
             let (store, m) = (self.store.clone(), meta.clone());
             blocking(move || store.put_referrers(&key, &d, &m)).await?;

@@ -603,11 +603,20 @@ impl Store {
     pub fn local_referrers(&self, r: &RepoKey, d: &Digest) -> Result<Vec<serde_json::Value>, StoreError> {
         let mut out = Vec::new();
         for (referrer, desc) in self.index.subjects(r, d)? {
-            if self.tree.has_revision(r, &referrer) && self.blobs.stat(&referrer)?.is_some() {
+            if self.holds_manifest(r, &referrer)? {
                 out.push(desc);
             }
         }
         Ok(out)
+    }
+
+    /// Whether `r` holds manifest `d` (staged, or linked with its data on disk), without
+    /// reading or hashing it.
+    pub fn holds_manifest(&self, r: &RepoKey, d: &Digest) -> Result<bool, StoreError> {
+        if lock(&self.manifests).map.contains_key(&(r.clone(), d.clone())) {
+            return Ok(true);
+        }
+        Ok(self.tree.has_revision(r, d) && self.blobs.stat(d)?.is_some())
     }
 
     pub fn tag(&self, r: &RepoKey, t: &Tag) -> Result<Option<TagMeta>, StoreError> {

@@ -14,6 +14,23 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+/// The stdout of a command that must have succeeded; its output in the panic otherwise.
+pub fn succeeded(out: &std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Where scripts/test.sh installs the Python test tools (oras, kubernetes-validate).
+pub fn python_path() -> String {
+    std::env::var("WHARF_TEST_PYTHONPATH")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/python").to_owned())
+}
+
 /// Polls `f` until it returns `Some`, or panics with `what` after `secs`.
 pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
