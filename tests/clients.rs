@@ -7,23 +7,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
+use common::docker::Dockerd;
 use common::{wait_for, Registry, Wharf};
 
 const LAYERS: &[usize] = &[2048, 256 * 1024];
-
-/// Stops a daemon: SIGTERM, then waits for it.
-fn stop(child: &mut Child) {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
 
 struct Containerd {
     child: Child,
@@ -80,7 +67,7 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        stop(&mut self.child);
+        common::stop_child(&mut self.child);
         if std::thread::panicking() {
             eprintln!(
                 "{}",
@@ -177,80 +164,6 @@ fn containerd_pulls_through_a_hosts_toml_mirror_with_ns() {
     let log = w.log();
     assert!(log.contains("uri=/v2/demo/app/manifests/latest?ns=registry.test"), "containerd sent ns=");
     assert!(log.contains("/blobs/sha256:") && log.contains("?ns=registry.test"), "blobs carried ns= too");
-}
-
-fn docker_bin() -> &'static str {
-    // Debian's client matches Debian's daemon; another one may be earlier on PATH.
-    if Path::new("/usr/bin/docker").exists() {
-        "/usr/bin/docker"
-    } else {
-        "docker"
-    }
-}
-
-/// A private docker daemon (its own root, socket and exec root) with `args`.
-struct Dockerd {
-    child: Child,
-    dir: PathBuf,
-    sock: String,
-}
-
-impl Dockerd {
-    fn start(dir: &Path, args: &[&str]) -> Dockerd {
-        std::fs::create_dir_all(dir).expect("mkdir");
-        let sock = format!("unix://{}/d.sock", dir.display());
-        let log = std::fs::File::create(dir.join("dockerd.log")).expect("log");
-        let child = Command::new("dockerd")
-            .arg("--data-root")
-            .arg(dir.join("data"))
-            .arg("--exec-root")
-            .arg(dir.join("exec"))
-            .arg("--pidfile")
-            .arg(dir.join("dockerd.pid"))
-            .args([
-                "-H",
-                &sock,
-                "--storage-driver=vfs",
-                "--iptables=false",
-                "--ip6tables=false",
-                "--bridge=none",
-            ])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("dockerd runs (apt-get install docker.io)");
-        let d = Dockerd { child, dir: dir.to_path_buf(), sock };
-        wait_for(60, "dockerd to serve", || d.docker(&["version"]).status.success().then_some(()));
-        d
-    }
-
-    fn docker(&self, args: &[&str]) -> Output {
-        Command::new("timeout")
-            .arg("300")
-            .arg(docker_bin())
-            .args(["-H", &self.sock])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("docker runs")
-    }
-
-    /// `docker args`, which must succeed; its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        common::succeeded(&self.docker(args), &format!("docker {args:?}"))
-    }
-}
-
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        stop(&mut self.child);
-        let _ = Command::new("umount").arg("-R").arg(self.dir.join("exec")).stderr(Stdio::null()).status();
-        if std::thread::panicking() {
-            eprintln!("{}", std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default());
-        }
-    }
 }
 
 #[test]

@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{wharf_bin, Registry, Wharf};
+use std::path::Path;
+
+use common::docker::Dockerd;
+use common::{succeeded, wait_for, wharf_bin, Registry, Wharf};
 
 #[tokio::test]
 async fn ready_says_whether_the_data_dir_takes_writes() {
@@ -184,4 +187,157 @@ fn configure_containerd_hold_keeps_the_node_configured_until_it_is_stopped() {
     assert!(status.success());
     assert_eq!(std::fs::read_to_string(certs.join("docker.io/hosts.toml")).expect("read"), original);
     assert!(!certs.join("quay.io").exists(), "restored on SIGTERM");
+}
+
+/// The container image: the Dockerfile's runtime stage built by a real docker daemon from
+/// a static wharf (`scripts/build-static.sh`; `FROM scratch` pulls nothing), run the way
+/// the docs say (read-only root, non-root, `/data` volume, config file plus `WHARF_*`),
+/// pulled through with skopeo; and the image's `wharf` run as the chart's node-config
+/// DaemonSet runs it.
+#[test]
+fn the_container_image_runs_read_only_as_non_root_and_serves_pulls() {
+    use std::os::unix::fs::MetadataExt;
+    use std::process::Command;
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // A no-op when scripts/test.sh built it already; fresh after a source change otherwise.
+    let out =
+        Command::new(root.join("scripts/build-static.sh")).arg("dev").output().expect("build-static.sh");
+    succeeded(&out, "scripts/build-static.sh dev");
+
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let img = reg.seed(work.path(), "container", "library/demo:latest", &[4096, 300 * 1024]);
+    let d = Dockerd::start(&work.path().join("docker"), &[]);
+    let tag = "wharf-test:image";
+    d.ok(&[
+        "build",
+        "--build-arg",
+        "WHARF_BINARY=prebuilt",
+        "--target",
+        "runtime",
+        "-t",
+        tag,
+        root.to_str().expect("path"),
+    ]);
+
+    // What the image says about itself.
+    let config: serde_json::Value =
+        serde_json::from_str(&d.ok(&["image", "inspect", "-f", "{{json .Config}}", tag])).expect("json");
+    assert_eq!(config["User"], "65532:65532");
+    assert_eq!(config["Entrypoint"], serde_json::json!(["wharf", "serve"]));
+    assert!(config["ExposedPorts"].get("5000/tcp").is_some(), "{config}");
+    assert!(config["Volumes"].get("/data").is_some(), "{config}");
+    // Its own configuration is valid and keeps the cache on the volume.
+    let effective = d.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "wharf",
+        tag,
+        "check-config",
+        "/etc/wharf/config.toml",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&effective).expect("effective configuration");
+    assert_eq!(v["data_dir"], "/data");
+    assert_eq!(v["listen"], "0.0.0.0:5000");
+
+    // Served as documented: a config file mounted over the image's, the listen address from
+    // the environment, the cache on a volume owned by the image's user.
+    let data = work.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    std::os::unix::fs::chown(&data, Some(65532), Some(65532)).expect("chown");
+    let cfg = work.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = \"/data\"\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ninsecure = true\n",
+            // By name: the static binary's resolver reads the /etc/hosts docker provides.
+            reg.url().replace("127.0.0.1", "localhost")
+        ),
+    )
+    .expect("write");
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "wharf",
+        "--network",
+        "host",
+        "--read-only",
+        "-e",
+        "WHARF_LISTEN=127.0.0.1:0",
+        "-v",
+        &format!("{}:/data", data.display()),
+        "-v",
+        &format!("{}:/etc/wharf/config.toml:ro", cfg.display()),
+        tag,
+    ]);
+    let addr = wait_for(30, "wharf in its container to listen", || {
+        if d.ok(&["inspect", "-f", "{{.State.Running}}", "wharf"]).trim() != "true" {
+            panic!(
+                "the container stopped: {}",
+                String::from_utf8_lossy(&d.docker(&["logs", "wharf"]).stderr)
+            );
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(data.join("wharf/server.json")).ok()?).ok()?;
+        v["addr"].as_str()?.parse::<std::net::SocketAddr>().ok()
+    });
+    assert!(addr.ip().is_loopback() && addr.port() != 5000, "WHARF_LISTEN applied: {addr}");
+
+    let pulled = work.path().join("pulled");
+    let first = common::pull(&format!("{addr}/library/demo:latest"), &pulled);
+    assert!(first.is_ok(), "skopeo pulls through the container: {first:?}\n{}", d.ok(&["logs", "wharf"]));
+    assert_eq!(common::layout_top_digest(&pulled), img.index, "the upstream's digest");
+    assert_eq!(
+        common::layout_blobs(&pulled),
+        img.blobs.iter().cloned().collect(),
+        "every blob, byte-checked"
+    );
+    for blob in &img.blobs {
+        assert!(reg.blob_gets(blob) <= 1, "{blob} fetched once");
+    }
+
+    // The process: not root, on a read-only root filesystem; what it wrote is its own.
+    let pid = d.ok(&["inspect", "-f", "{{.State.Pid}}", "wharf"]).trim().to_owned();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let uids = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid line");
+    assert_eq!(uids.split_whitespace().skip(1).collect::<Vec<_>>(), ["65532"; 4], "{uids}");
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+    let rootfs = mounts.lines().find(|l| l.split(' ').nth(4) == Some("/")).expect("the root mount");
+    let options = rootfs.split(' ').nth(5).expect("mount options");
+    assert!(options.split(',').any(|o| o == "ro"), "root mounted read-only: {rootfs}");
+    let index = std::fs::metadata(data.join("wharf/server.json")).expect("server.json");
+    assert_eq!((index.uid(), index.gid()), (65532, 65532));
+
+    // A clean exit on `docker stop` (SIGTERM).
+    d.ok(&["stop", "wharf"]);
+    assert_eq!(d.ok(&["inspect", "-f", "{{.State.ExitCode}}", "wharf"]).trim(), "0");
+
+    // The node-config DaemonSet's command, as it runs it: root, read-only, certs.d mounted.
+    let certs = work.path().join("certs.d");
+    std::fs::create_dir(&certs).expect("mkdir");
+    d.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--read-only",
+        "--user",
+        "0",
+        "-v",
+        &format!("{}:/host/certs.d", certs.display()),
+        "--entrypoint",
+        "wharf",
+        tag,
+        "configure-containerd",
+        "--mirror=http://10.96.0.50:5000",
+        "--dir=/host/certs.d",
+        "--registries=docker.io",
+    ]);
+    let hosts = std::fs::read_to_string(certs.join("docker.io/hosts.toml")).expect("hosts.toml written");
+    assert!(hosts.contains("[host.\"http://10.96.0.50:5000\"]"), "{hosts}");
 }

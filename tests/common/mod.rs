@@ -3,6 +3,7 @@
 //! conditions with deadlines.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod docker;
 pub mod fake;
 pub mod image;
 pub mod push;
@@ -550,4 +551,18 @@ pub fn tree_listing(dir: &Path) -> Vec<(String, u64)> {
     }
     out.sort();
     out
+}
+
+/// Stops a daemon: SIGTERM, then waits for it.
+pub fn stop_child(child: &mut Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
