@@ -223,6 +223,7 @@ fn wrong_values_fail_at_install_with_the_key() {
         ("typo=1", "typo"),
         ("nodeConfig.enabled=true", "nodeConfig.mirror"),
         ("tls.enabled=true", "tls.secretName"),
+        ("image.digest=latest", "image/digest"),
     ] {
         let out = helm(&["template", "w", chart.to_str().expect("path"), "--set", set]);
         assert!(!out.status.success(), "--set {set} is refused");
@@ -248,4 +249,52 @@ fn metric_names(expr: &str) -> Vec<String> {
         i = end;
     }
     out
+}
+
+/// Every key of values.yaml is in the chart's README (free-form maps such as `config`
+/// count as one key), and every top-level key is in values.schema.json.
+#[test]
+fn every_value_is_documented_and_in_the_schema() {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            r#"
+import json, sys, yaml
+values = yaml.safe_load(open(sys.argv[1]))
+free = {"config", "upstreamCredentials", "upstreamCA", "resources", "podSecurityContext",
+        "securityContext", "podAnnotations", "podLabels", "nodeSelector", "affinity",
+        "labels", "annotations", "basicAuth", "tlsConfig", "updateStrategy"}
+def leaves(d, path):
+    for k, v in d.items():
+        p = path + [k]
+        if isinstance(v, dict) and v and k not in free:
+            yield from leaves(v, p)
+        else:
+            yield p
+print(json.dumps(list(leaves(values, []))))
+"#,
+        )
+        .arg(chart().join("values.yaml"))
+        .env("PYTHONPATH", common::python_path())
+        .output()
+        .expect("python3");
+    let keys: Vec<Vec<String>> = serde_json::from_str(&succeeded(&out, "reading values.yaml")).expect("json");
+    assert!(keys.len() > 40, "values.yaml read: {keys:?}");
+    let readme = std::fs::read_to_string(chart().join("README.md")).expect("README");
+    let schema: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(chart().join("values.schema.json")).expect("schema"))
+            .expect("json");
+    for key in &keys {
+        let full = key.join(".");
+        let last = key.last().expect("a key");
+        // The table names a key in full or, after its group's first key, by its last part.
+        let row = readme.lines().find(|l| {
+            l.starts_with("| ")
+                && l.contains(&format!("`{}.", key[0]))
+                && ["`", "[", "."].iter().any(|end| l.contains(&format!("`{last}{end}")))
+        });
+        let whole = readme.contains(&format!("`{full}`")) || readme.contains(&format!("`{full}."));
+        assert!(row.is_some() || whole, "helm/wharf/README.md documents {full}");
+        assert!(schema["properties"].get(&key[0]).is_some(), "values.schema.json has {}", key[0]);
+    }
 }
