@@ -26,6 +26,7 @@ const CONFIG_KEYS: &[&str] = &[
     "cache",
     "server",
     "auth",
+    "offline",
 ];
 
 /// Everything wharf reads at start-up.
@@ -57,6 +58,10 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Never contact any upstream (an air-gapped mirror serving what it holds); an
+    /// upstream's own `offline` wins over this.
+    #[serde(default)]
+    pub offline: bool,
 }
 
 /// What one client, or all of them together, may hold of the server.
@@ -219,6 +224,10 @@ pub struct CacheConfig {
     /// How often eviction and garbage collection run besides when a commit crosses the cap.
     #[serde(with = "humantime_serde")]
     pub gc_interval: Duration,
+    /// Whether eviction may remove what an offline upstream's tags hold. Off: evicting
+    /// what cannot be fetched again is data loss, so with every upstream offline nothing
+    /// is evicted, and an offline upstream's tagged images are pinned.
+    pub evict_offline: bool,
 }
 
 impl Default for CacheConfig {
@@ -230,6 +239,7 @@ impl Default for CacheConfig {
             min_age: Duration::from_secs(3600),
             pins: Vec::new(),
             gc_interval: Duration::from_secs(3600),
+            evict_offline: false,
         }
     }
 }
@@ -387,6 +397,17 @@ pub struct UpstreamConfig {
     /// Repository globs that may not be pulled; checked before `allow`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
+    /// Never open a connection to this upstream: tags resolve from the cache and misses
+    /// are 404. Unset: the top-level `offline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline: Option<bool>,
+}
+
+impl UpstreamConfig {
+    /// Whether wharf may not contact this upstream (after `Config::load`, always set).
+    pub fn is_offline(&self) -> bool {
+        self.offline.unwrap_or(false)
+    }
 }
 
 fn default_referrers_ttl() -> Duration {
@@ -430,6 +451,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             server: ServerConfig::default(),
             auth: AuthConfig::default(),
+            offline: false,
         }
     }
 }
@@ -457,6 +479,7 @@ impl UpstreamConfig {
             ca_file: None,
             allow: Vec::new(),
             deny: Vec::new(),
+            offline: None,
             url,
         }
     }
@@ -540,8 +563,28 @@ impl Config {
             (Some(m), _) => cfg.admin.listen = Some(m),
             _ => {}
         }
+        for u in &mut cfg.upstreams {
+            u.offline = Some(u.offline.unwrap_or(cfg.offline));
+        }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The cache policy in force: unless `cache.evict_offline`, nothing is evicted when
+    /// every upstream is offline, and an offline upstream's tagged images are pinned.
+    pub fn effective_cache(&self) -> CacheConfig {
+        let mut c = self.cache.clone();
+        if c.evict_offline {
+            return c;
+        }
+        let offline: Vec<&UpstreamConfig> = self.upstreams.iter().filter(|u| u.is_offline()).collect();
+        if !offline.is_empty() && offline.len() == self.upstreams.len() {
+            c.max_size = ByteSize(0);
+            c.min_free = ByteSize(0);
+        } else {
+            c.pins.extend(offline.iter().map(|u| format!("{}/*", u.name)));
+        }
+        c
     }
 
     /// Whether clients without credentials may pull at all.
@@ -713,7 +756,9 @@ mod tests {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
             let example = Config::load(Some(&path), &Overrides::default()).map_err(|e| e.to_string())?;
             let as_json = |c: &Config| serde_json::to_value(c).map_err(|e| e.to_string());
-            assert_eq!(as_json(&example)?, as_json(&Config::default())?);
+            // The defaults as loaded: each upstream's `offline` resolved from the top level.
+            let defaults = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(as_json(&example)?, as_json(&defaults)?);
             Ok(())
         });
     }
@@ -748,6 +793,37 @@ mod tests {
             assert!(Config::load(Some(Path::new("bad.toml")), &Overrides::default()).is_err());
             jail.create_file("bad2.toml", "[cache]\nlow_watermark = 1.5\n")?;
             assert!(Config::load(Some(Path::new("bad2.toml")), &Overrides::default()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn offline_is_inherited_and_turns_eviction_off_unless_asked() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "w.toml",
+                "offline = true\n[cache]\nmax_size = \"1GiB\"\n\
+                 [[upstreams]]\nname = \"a.test\"\nurl = \"https://a.test\"\n\
+                 [[upstreams]]\nname = \"b.test\"\nurl = \"https://b.test\"\noffline = false\n",
+            )?;
+            let c =
+                Config::load(Some(Path::new("w.toml")), &Overrides::default()).map_err(|e| e.to_string())?;
+            assert!(c.upstreams[0].is_offline() && !c.upstreams[1].is_offline());
+            // One upstream offline: its tagged images are pinned, eviction stays.
+            let e = c.effective_cache();
+            assert_eq!((e.max_size, e.pins.clone()), (ByteSize(1 << 30), vec!["a.test/*".to_owned()]));
+            // Every upstream offline: nothing is evicted, unless evict_offline.
+            jail.set_env("WHARF_OFFLINE", "true");
+            jail.create_file(
+                "all.toml",
+                "offline = true\n[cache]\nmax_size = \"1GiB\"\nmin_free = \"1GiB\"\n",
+            )?;
+            let mut c = Config::load(Some(Path::new("all.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            let e = c.effective_cache();
+            assert_eq!((e.max_size, e.min_free), (ByteSize(0), ByteSize(0)));
+            c.cache.evict_offline = true;
+            assert_eq!(c.effective_cache().max_size, ByteSize(1 << 30));
             Ok(())
         });
     }

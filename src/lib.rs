@@ -93,7 +93,7 @@ impl AppState {
         Ok(AppState {
             analytics,
             auth,
-            cache: Arc::new(Cache::new(store, metrics.clone(), &config.cache, &config.server)),
+            cache: Arc::new(Cache::new(store, metrics.clone(), &config.effective_cache(), &config.server)),
             config: Arc::new(config),
             metrics,
             upstreams: Arc::new(upstreams),

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub upstream_bytes: IntCounterVec,
     /// Tag requests answered from cache because the upstream could not answer.
     pub stale_served: IntCounterVec,
+    /// Tags answered, with the upstream unreachable or offline, by an older digest of their
+    /// history because the newer ones are not whole in the cache.
+    pub tag_fallbacks: IntCounterVec,
     /// Upstream content whose sha256 did not match the digest asked for; never cached.
     pub digest_mismatch: IntCounterVec,
     /// Requests that joined an upstream fetch or revalidation already in flight.
@@ -224,6 +227,11 @@ impl Metrics {
                 "wharf_stale_served_total",
                 "Tags served from cache while the upstream could not answer",
                 &["upstream"],
+            ),
+            tag_fallbacks: r.counter_vec(
+                "wharf_tag_fallbacks_total",
+                "Tags answered by an older digest of their history, the newer ones not whole in the cache, with the upstream unreachable or offline",
+                &["upstream", "reason"],
             ),
             digest_mismatch: r.counter_vec(
                 "wharf_digest_mismatch_total",

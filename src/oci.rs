@@ -397,6 +397,22 @@ pub fn valid_descriptor(v: &serde_json::Value) -> bool {
         && v.get("size").and_then(|s| s.as_u64()).is_some()
 }
 
+/// The children of an index that are images for a platform: not buildx attestation
+/// manifests (platform `unknown/unknown`, or annotated as attestations).
+pub fn platform_children(index: &[u8]) -> Vec<Digest> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(index) else { return Vec::new() };
+    let Some(list) = v.get("manifests").and_then(|m| m.as_array()) else { return Vec::new() };
+    list.iter()
+        .filter(|m| {
+            let unknown = m.pointer("/platform/os").and_then(|o| o.as_str()) == Some("unknown");
+            let attestation = m.pointer("/annotations/vnd.docker.reference.type").and_then(|a| a.as_str())
+                == Some("attestation-manifest");
+            !unknown && !attestation
+        })
+        .filter_map(|m| Digest::parse(m.get("digest")?.as_str()?))
+        .collect()
+}
+
 /// The child of an index that serves clients which cannot read indexes: linux/amd64,
 /// as distribution picks it.
 pub fn default_platform_child(index: &[u8]) -> Option<Digest> {

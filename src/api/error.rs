@@ -108,6 +108,12 @@ impl ApiError {
             CacheError::Upstream(UpstreamError::NotFound) => {
                 ApiError::ManifestUnknown("manifest unknown to the upstream registry".into())
             }
+            CacheError::Upstream(UpstreamError::Offline(up)) if blob => ApiError::BlobUnknown(format!(
+                "the mirror is offline for {up} and this blob is not in its cache"
+            )),
+            CacheError::Upstream(UpstreamError::Offline(up)) => ApiError::ManifestUnknown(format!(
+                "the mirror is offline for {up} and this image is not in its cache"
+            )),
             CacheError::Upstream(UpstreamError::TooLarge) => {
                 ApiError::ManifestInvalid(UpstreamError::TooLarge.to_string())
             }
@@ -128,6 +134,9 @@ impl ApiError {
     /// For a listing, an unknown upstream repository is an unknown name.
     pub fn for_listing(self) -> ApiError {
         match self {
+            ApiError::ManifestUnknown(m) if m.starts_with("the mirror is offline") => {
+                ApiError::NameUnknown(m.replace("this image", "this repository"))
+            }
             ApiError::ManifestUnknown(_) => {
                 ApiError::NameUnknown("repository unknown to the upstream registry".into())
             }

@@ -19,7 +19,7 @@ pub use referrers::{Referrers, ReferrersSource};
 
 use crate::config::CacheConfig;
 use crate::metrics::Metrics;
-use crate::oci::{stored_media_type, Digest, RepoName, Tag};
+use crate::oci::{is_index, platform_children, references, stored_media_type, Digest, RepoName, Tag};
 use crate::store::{now_ms, BlobRead, RepoKey, Store, StoreError, StoredManifest};
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -60,6 +60,8 @@ pub enum ManifestResult {
     Stale,
     /// Not cached before; fetched.
     Miss,
+    /// The upstream is configured offline; answered from the cache.
+    Offline,
 }
 
 impl ManifestResult {
@@ -70,6 +72,7 @@ impl ManifestResult {
             ManifestResult::Refreshed => "refreshed",
             ManifestResult::Stale => "stale",
             ManifestResult::Miss => "miss",
+            ManifestResult::Offline => "offline",
         }
     }
 }
@@ -299,17 +302,73 @@ impl Cache {
                 };
                 Ok(ServedManifest { digest: rev.digest, manifest, result })
             }
-            Err(CacheError::Upstream(e)) if e.is_transient() => match cached {
-                Some((digest, manifest, _)) => {
-                    self.store.touch(&digest);
-                    self.metrics.stale_served.with_label_values(&[&up.name]).inc();
-                    tracing::warn!(upstream = %up.name, repository = %name, tag = %tag, digest = %digest, error = %e, "upstream cannot answer; serving the last known digest");
-                    Ok(ServedManifest { digest, manifest, result: ManifestResult::Stale })
+            Err(CacheError::Upstream(e)) if e.is_transient() => {
+                let offline = matches!(e, UpstreamError::Offline(_));
+                let Some((digest, manifest, older)) = self.without_upstream(&key, tag, cached)? else {
+                    return Err(e.into());
+                };
+                self.store.touch(&digest);
+                if older {
+                    let reason = if offline { "offline" } else { "unreachable" };
+                    self.metrics.tag_fallbacks.with_label_values(&[&up.name, reason]).inc();
+                    tracing::warn!(upstream = %up.name, repository = %name, tag = %tag, digest = %digest, reason, "the tag's newest digest is not whole in the cache; the last known digest is an older one that is");
                 }
-                None => Err(e.into()),
-            },
+                if offline {
+                    return Ok(ServedManifest { digest, manifest, result: ManifestResult::Offline });
+                }
+                self.metrics.stale_served.with_label_values(&[&up.name]).inc();
+                tracing::warn!(upstream = %up.name, repository = %name, tag = %tag, digest = %digest, error = %e, "upstream cannot answer; serving the last known digest");
+                Ok(ServedManifest { digest, manifest, result: ManifestResult::Stale })
+            }
             Err(e) => Err(e),
         }
+    }
+
+    /// What a tag resolves to when the upstream cannot be asked: the newest digest of its
+    /// history that the cache can serve whole for at least one platform, so a HEAD that
+    /// learned a new digest (and only its index) does not break pulls of the tag; else the
+    /// last known digest. The flag says an older digest was chosen.
+    fn without_upstream(
+        &self,
+        key: &RepoKey,
+        tag: &Tag,
+        last: Option<(Digest, StoredManifest, u64)>,
+    ) -> Result<Option<(Digest, StoredManifest, bool)>, CacheError> {
+        let last_digest = last.as_ref().map(|(d, _, _)| d.clone());
+        for entry in self.store.history(key, tag)? {
+            let Some(d) = Digest::parse(&entry.digest) else { continue };
+            let Some(m) = self.store.manifest(key, &d)? else { continue };
+            if self.servable(key, &m)? {
+                let older = last_digest.as_ref().is_some_and(|l| *l != d);
+                return Ok(Some((d, m, older)));
+            }
+        }
+        Ok(last.map(|(d, m, _)| (d, m, false)))
+    }
+
+    /// Whether the cache holds an image whole (its config and layers), or, for an index,
+    /// one of its platform images whole.
+    fn servable(&self, key: &RepoKey, m: &StoredManifest) -> Result<bool, CacheError> {
+        if !is_index(&m.media_type) {
+            return self.whole(&m.bytes);
+        }
+        for child in platform_children(&m.bytes) {
+            if let Some(c) = self.store.manifest(key, &child)? {
+                if !is_index(&c.media_type) && self.whole(&c.bytes)? {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn whole(&self, manifest: &[u8]) -> Result<bool, CacheError> {
+        for b in references(manifest).1 {
+            if self.store.blob_size(&b)?.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// One upstream HEAD for the tag; fetches the manifest when the digest is new to us. A

@@ -37,12 +37,15 @@ pub enum UpstreamError {
     /// A status the API does not give for this request (a 3xx not followed, 405, 400…).
     #[error("upstream answered an unexpected HTTP {0}")]
     Status(u16),
+    /// The upstream is configured `offline`: no request was sent.
+    #[error("the mirror is offline for {0}")]
+    Offline(String),
 }
 
 impl UpstreamError {
     /// Whether a cached answer should stand in for this failure (stale-on-error).
     pub fn is_transient(&self) -> bool {
-        matches!(self, UpstreamError::RateLimited | UpstreamError::Unavailable(_))
+        matches!(self, UpstreamError::RateLimited | UpstreamError::Unavailable(_) | UpstreamError::Offline(_))
     }
 }
 
@@ -78,6 +81,8 @@ pub struct Upstream {
     /// How long a referrers list is served without asking again.
     pub referrers_ttl: Duration,
     referrers_max_pages: usize,
+    /// Configured offline: no request is ever sent.
+    pub offline: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -120,6 +125,9 @@ impl Upstream {
         // rather than "no data" until the first failure.
         metrics.digest_mismatch.with_label_values(&[&cfg.name]);
         metrics.stale_served.with_label_values(&[&cfg.name]);
+        for reason in ["unreachable", "offline"] {
+            metrics.tag_fallbacks.with_label_values(&[&cfg.name, reason]);
+        }
         for kind in ["connect", "timeout", "request", "status", "auth"] {
             metrics.upstream_errors.with_label_values(&[&cfg.name, kind]);
         }
@@ -141,6 +149,7 @@ impl Upstream {
             tag_ttl: cfg.tag_ttl,
             referrers_ttl: cfg.referrers_ttl,
             referrers_max_pages: cfg.referrers_max_pages.max(1),
+            offline: cfg.is_offline(),
             metrics,
         })
     }
@@ -229,6 +238,10 @@ impl Upstream {
         method: &str,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, UpstreamError> {
+        // Every request (registry and token endpoint) passes here: offline, none leaves.
+        if self.offline {
+            return Err(UpstreamError::Offline(self.name.clone()));
+        }
         let start = Instant::now();
         let res = tokio::time::timeout(self.response_timeout, req.send()).await;
         self.metrics

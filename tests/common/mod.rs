@@ -166,6 +166,17 @@ impl Registry {
         text.lines().filter(|l| l.contains("\"GET /v2/") && l.contains(&needle)).count()
     }
 
+    /// How many requests the registry's access log shows whose line contains `needle`.
+    pub fn requests(&self, needle: &str) -> usize {
+        let log =
+            self.root.parent().expect("root has a parent").join(format!("registry-{}.log", self.addr.port()));
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains("\"GET /v2/") || l.contains("\"HEAD /v2/"))
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     /// Writes a multi-platform image (with attestations) under `work/<seed>` and pushes it
     /// as `reference` (`repo:tag`).
     pub fn seed(&self, work: &Path, seed: &str, reference: &str, sizes: &[usize]) -> image::Layout {
