@@ -1,5 +1,5 @@
-//! Command-line interface: `serve`, `history`, `stats`, `reindex`, `gc`, `check-config`,
-//! `configure-containerd`.
+//! Command-line interface: `serve`, `history`, `stats`, `reindex`, `gc`, `export`, `import`,
+//! `check-config`, `configure-containerd`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -99,6 +99,46 @@ pub enum Command {
     CheckConfig {
         /// The TOML file to check.
         file: PathBuf,
+    },
+    /// Write cached images into one bundle file for an air gap: an OCI image layout in a
+    /// tar (with a Docker manifest.json for single-platform images), which `wharf import`,
+    /// `skopeo copy oci-archive:`, `ctr images import` and `docker load` read. Reads the
+    /// data dir (the server must be stopped).
+    Export {
+        /// Images as users write them (`alpine:3.20`, `ghcr.io/org/app@sha256:…`),
+        /// resolved as pulls are; the default tag is `latest`.
+        images: Vec<String>,
+        /// The bundle to write.
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        /// A file with one image per line (`#` comments and blank lines skipped).
+        #[arg(short = 'f', long = "file")]
+        list: Option<PathBuf>,
+        /// Every tag the cache holds.
+        #[arg(long)]
+        all: bool,
+        /// Only these platforms of multi-platform images (comma-separated, e.g.
+        /// linux/amd64,linux/arm64); default: every platform the cache holds whole.
+        #[arg(long, value_delimiter = ',')]
+        platform: Vec<String>,
+        /// Leave out the blobs of this earlier bundle (the far side has them): a
+        /// differential bundle.
+        #[arg(long)]
+        since: Option<PathBuf>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read a bundle (from `wharf export`, or any OCI image layout, as a tar or a
+    /// directory) into the cache: every blob and manifest checked against its digest and
+    /// the whole bundle checked before anything is written; a bad bundle is refused whole.
+    /// Idempotent. The server must be stopped.
+    Import {
+        /// The bundle: a tar file or an OCI image layout directory.
+        bundle: PathBuf,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print what the index holds, without times, as JSON (server stopped). For checking
     /// an index against one `reindex` rebuilt.

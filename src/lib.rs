@@ -18,7 +18,8 @@
 //! - [`analytics`]: the one place requests are accounted: pulls by tag and platform,
 //!   bounded label cardinality, per-day counts kept in the store's analytics db.
 //!
-//! Around them: [`config`] (layered configuration), [`containerd`] (node configuration:
+//! Around them: [`bundle`] (air-gap bundles: the cache exported as an OCI layout tar, and
+//! a bundle checked whole and filed into the cache), [`config`] (layered configuration), [`containerd`] (node configuration:
 //! containerd's hosts.toml pointing at the mirror), [`server`] (accept loop, TLS with
 //! certificate reload, graceful shutdown, and the limits a hostile client meets), [`metrics`] (every metric, defined once), [`oci`]
 //! (the grammar's newtypes), [`zerocopy`] (stored blobs sent by `sendfile` on plain-TCP
@@ -27,6 +28,7 @@
 pub mod analytics;
 pub mod api;
 pub mod auth;
+pub mod bundle;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -43,6 +43,10 @@ fn main() -> ExitCode {
         Command::Reindex => reindex(&config),
         Command::Gc { dry_run, json } => rt.block_on(gc(config, dry_run, json)),
         Command::DumpIndex => dump_index(&config),
+        Command::Export { images, output, list, all, platform, since, json } => {
+            export(config, &images, &output, list.as_deref(), all, &platform, since.as_deref(), json)
+        }
+        Command::Import { bundle, json } => import(config, &bundle, json),
         Command::CheckConfig { file } => check_config(&file),
         Command::ConfigureContainerd { mirror, registries, from_config, dir, restore, hold } => {
             let res =
@@ -231,6 +235,164 @@ async fn history(config: Config, image: &str, json: bool) -> Res {
             if e["current"].as_bool() == Some(true) { "  (current)" } else { "" }
         );
     }
+    Ok(())
+}
+
+/// The data dir's store, for a command that needs it to itself.
+fn open_alone(config: Config, what: &str) -> Result<AppState, Box<dyn std::error::Error>> {
+    if store::is_locked(&config.data_dir) {
+        return Err(format!(
+            "a wharf server holds {}; stop it before `wharf {what}`",
+            config.data_dir.display()
+        )
+        .into());
+    }
+    Ok(AppState::open(config)?)
+}
+
+/// An image as users write it, resolved as a pull is: its repository, tag and digest.
+fn select(state: &AppState, image: &str) -> Result<wharf::bundle::Selection, Box<dyn std::error::Error>> {
+    let (name, reference) = match image.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => match image.rfind(':') {
+            Some(i) if !image[i + 1..].contains('/') => (&image[..i], Some(&image[i + 1..])),
+            _ => (image, None),
+        },
+    };
+    let repo = RepoName::parse(name).ok_or_else(|| format!("{image}: invalid repository name {name:?}"))?;
+    let key = state.repo_key(&repo).map_err(|e| format!("{image}: {e}"))?;
+    if let Some(d) = reference.and_then(wharf::oci::Digest::parse) {
+        return Ok(wharf::bundle::Selection { key, tag: None, digest: d });
+    }
+    let tag = reference.unwrap_or("latest");
+    let tag = Tag::parse(tag).ok_or_else(|| format!("{image}: invalid tag or digest {tag:?}"))?;
+    let meta = state
+        .store()
+        .tag(&key, &tag)?
+        .ok_or_else(|| format!("{image}: {}:{} is not in the cache", key.as_str(), tag.as_str()))?;
+    let digest = wharf::oci::Digest::parse(&meta.digest).ok_or("the index holds an invalid digest")?;
+    Ok(wharf::bundle::Selection { key, tag: Some(tag), digest })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn export(
+    config: Config,
+    images: &[String],
+    output: &Path,
+    list: Option<&Path>,
+    all: bool,
+    platforms: &[String],
+    since: Option<&Path>,
+    json: bool,
+) -> Res {
+    use wharf::bundle::{self, ExportOptions, Platform};
+    let state = open_alone(config, "export")?;
+    let mut wanted: Vec<String> = images.to_vec();
+    if let Some(l) = list {
+        let text = std::fs::read_to_string(l).map_err(|e| format!("{}: {e}", l.display()))?;
+        wanted.extend(
+            text.lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    let mut selection = Vec::new();
+    for w in &wanted {
+        selection.push(select(&state, w)?);
+    }
+    if all {
+        for (key, tag, digest) in state.store().tag_entries()? {
+            selection.push(bundle::Selection { key, tag: Some(tag), digest });
+        }
+    }
+    if selection.is_empty() {
+        return Err("nothing to export: name images, give -f LIST, or --all".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    selection.retain(|s| seen.insert(s.reference()));
+    let platforms = platforms
+        .iter()
+        .map(|p| Platform::parse(p).ok_or_else(|| format!("--platform {p:?}: expected os/arch[/variant]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let skip = match since {
+        Some(b) => bundle::bundle_blobs(b)?,
+        None => Default::default(),
+    };
+    let mut history = Vec::new();
+    for s in &selection {
+        if let Some(t) = &s.tag {
+            let entries = state.store().history(&s.key, t)?;
+            let seen = entries
+                .iter()
+                .filter_map(|e| {
+                    Some((wharf::oci::Digest::parse(&e.digest)?, e.first_seen_ms, e.last_seen_ms))
+                })
+                .collect();
+            history.push((s.key.clone(), t.clone(), seen));
+        }
+    }
+    // Written beside the target and renamed at the end: a failed export leaves no bundle.
+    let partial = output.with_extension("partial");
+    let file = std::fs::File::create(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
+    let out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let opts = ExportOptions { platforms, skip };
+    let report = match bundle::export(state.store(), &selection, &history, &opts, out) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e.into());
+        }
+    };
+    std::fs::rename(&partial, output)?;
+    state.store().close()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("{:<56}  {:<71}  PLATFORMS", "IMAGE", "DIGEST");
+    for i in &report.images {
+        let missing = match i.missing_platforms.is_empty() {
+            true => String::new(),
+            false => format!("  (not whole in the cache, left out: {})", i.missing_platforms.join(",")),
+        };
+        println!("{:<56}  {:<71}  {}{missing}", i.reference, i.digest, i.platforms.join(","));
+    }
+    println!(
+        "{}: {} images, {} blobs, {:.1} MB{}",
+        output.display(),
+        report.images.len(),
+        report.blobs,
+        report.bytes as f64 / 1e6,
+        match report.skipped {
+            0 => String::new(),
+            n => format!(", {n} blobs left out (in the --since bundle)"),
+        }
+    );
+    Ok(())
+}
+
+fn import(config: Config, bundle_path: &Path, json: bool) -> Res {
+    let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
+    let state = open_alone(config, "import")?;
+    let known = |u: &str| names.iter().any(|n| n == u);
+    let report = wharf::bundle::import(state.store(), bundle_path, &known)?;
+    state.store().close()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for i in &report.images {
+        println!("{:<56}  {}", i.reference, i.digest);
+    }
+    println!(
+        "{}: {} images; {} blobs new ({:.1} MB), {} already in the cache",
+        bundle_path.display(),
+        report.images.len(),
+        report.new_blobs,
+        report.new_bytes as f64 / 1e6,
+        report.present_blobs
+    );
     Ok(())
 }
 

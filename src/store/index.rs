@@ -178,6 +178,19 @@ impl Index {
         get(&self.history, history_key(r, t, d))
     }
 
+    /// Adds what another cache saw of `t` → `d` to the history: the earlier first and the
+    /// later last time win.
+    pub fn merge_seen(&self, r: &RepoKey, t: &Tag, d: &Digest, s: Seen) -> sled::Result<()> {
+        let merged = match self.seen(r, t, d)? {
+            Some(o) => Seen {
+                first_seen_ms: o.first_seen_ms.min(s.first_seen_ms),
+                last_seen_ms: o.last_seen_ms.max(s.last_seen_ms),
+            },
+            None => s,
+        };
+        put(&self.history, history_key(r, t, d), &merged)
+    }
+
     /// Records that `t` points at `d` as of `now`, in one transaction: the previous digest's
     /// last-seen time, this digest's history entry and the tag's state change together or
     /// not at all. Returns the previous state.

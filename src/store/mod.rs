@@ -113,6 +113,8 @@ pub struct HistoryEntry {
     pub pulls: u64,
     #[serde(skip)]
     pub first_seen_ms: u64,
+    #[serde(skip)]
+    pub last_seen_ms: u64,
 }
 
 /// What `reindex` found.
@@ -636,6 +638,21 @@ impl Store {
         Ok(moved)
     }
 
+    /// Adds a tag's history as another cache saw it (an imported bundle): each digest's
+    /// link in the tree, then its times in the index. Does not move the tag.
+    pub fn import_history(
+        &self,
+        r: &RepoKey,
+        t: &Tag,
+        seen: &[(Digest, u64, u64)],
+    ) -> Result<(), StoreError> {
+        for (d, first, last) in seen {
+            self.tree.link_tag_history(r, t, d)?;
+            self.index.merge_seen(r, t, d, index::Seen { first_seen_ms: *first, last_seen_ms: *last })?;
+        }
+        Ok(())
+    }
+
     /// Tags of `r` the cache knows, sorted.
     pub fn tags(&self, r: &RepoKey) -> Result<Vec<String>, StoreError> {
         let prefix = format!("{}\t", r.as_str());
@@ -670,6 +687,7 @@ impl Store {
                 digest: d.to_string(),
                 first_seen: rfc3339(s.first_seen_ms),
                 last_seen: rfc3339(s.last_seen_ms),
+                last_seen_ms: s.last_seen_ms,
                 first_seen_ms: s.first_seen_ms,
             });
         }

@@ -420,6 +420,15 @@ impl Tree {
         self.write_link(&self.tag_current(r, t), d)
     }
 
+    /// Records that tag `t` of `r` once pointed at `d` (its history), without moving it.
+    pub fn link_tag_history(&self, r: &RepoKey, t: &Tag, d: &Digest) -> io::Result<()> {
+        let idx = self.tag_index_link(r, t, d);
+        if !idx.exists() {
+            self.write_link(&idx, d)?;
+        }
+        Ok(())
+    }
+
     /// Records that `r` holds layer `d`.
     pub fn link_layer(&self, r: &RepoKey, d: &Digest) -> io::Result<()> {
         let link = self.layer_link(r, d);

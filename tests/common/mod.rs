@@ -3,6 +3,7 @@
 //! conditions with deadlines.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod daemons;
 pub mod docker;
 pub mod fake;
 pub mod image;
