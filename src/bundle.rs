@@ -20,7 +20,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::oci::{is_index, references, stored_media_type, Digest, Hasher, Tag};
+use crate::oci::{is_index, platform_string, references, stored_media_type, Digest, Hasher, Platform, Tag};
 use crate::store::{now_ms, RepoKey, Store, StoreError, StoredManifest};
 
 /// The annotation naming the cache repository (`<upstream>/<name>`) of an entry.
@@ -54,43 +54,6 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BundleError {
 
 fn refused(msg: impl Into<String>) -> BundleError {
     BundleError::Refused(msg.into())
-}
-
-/// A platform as users write it: `linux/amd64`, `linux/arm64/v8`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Platform {
-    pub os: String,
-    pub architecture: String,
-    pub variant: Option<String>,
-}
-
-impl Platform {
-    pub fn parse(s: &str) -> Option<Platform> {
-        let mut parts = s.trim().split('/');
-        let os = parts.next().filter(|p| !p.is_empty())?.to_owned();
-        let architecture = parts.next().filter(|p| !p.is_empty())?.to_owned();
-        let variant = parts.next().map(str::to_owned);
-        if parts.next().is_some() {
-            return None;
-        }
-        Some(Platform { os, architecture, variant })
-    }
-
-    /// Whether an index entry's `platform` is this one (a variant asked for must match).
-    fn matches(&self, p: &Value) -> bool {
-        p["os"].as_str() == Some(&self.os)
-            && p["architecture"].as_str() == Some(&self.architecture)
-            && self.variant.as_deref().is_none_or(|v| p["variant"].as_str() == Some(v))
-    }
-}
-
-fn platform_string(p: &Value) -> String {
-    let mut s = format!("{}/{}", p["os"].as_str().unwrap_or("?"), p["architecture"].as_str().unwrap_or("?"));
-    if let Some(v) = p["variant"].as_str() {
-        s.push('/');
-        s.push_str(v);
-    }
-    s
 }
 
 /// Whether an index entry is a buildx attestation manifest rather than a platform image.
@@ -855,18 +818,6 @@ fn read_dir_bundle(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn platforms_parse_and_match() {
-        let p = Platform::parse("linux/arm64/v8").expect("parses");
-        assert!(p.matches(&json!({"os": "linux", "architecture": "arm64", "variant": "v8"})));
-        assert!(!p.matches(&json!({"os": "linux", "architecture": "arm64"})));
-        let any = Platform::parse("linux/arm64").expect("parses");
-        assert!(any.matches(&json!({"os": "linux", "architecture": "arm64", "variant": "v8"})));
-        for bad in ["", "linux", "linux/", "/amd64", "a/b/c/d"] {
-            assert!(Platform::parse(bad).is_none(), "{bad}");
-        }
-    }
 
     #[test]
     fn entry_paths_must_be_plain_and_relative() {

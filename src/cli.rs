@@ -1,4 +1,5 @@
-//! Command-line interface: `serve`, `history`, `stats`, `reindex`, `gc`, `export`, `import`,
+//! Command-line interface: `serve`, `history`, `stats`, `reindex`, `gc`, `prefetch`,
+//! `export`, `import`,
 //! `check-config`, `configure-containerd`.
 
 use std::net::SocketAddr;
@@ -99,6 +100,30 @@ pub enum Command {
     CheckConfig {
         /// The TOML file to check.
         file: PathBuf,
+    },
+    /// Fill the cache from a list of images, through the cache (verified, single-flight,
+    /// counted apart from pulls): the running server's when one holds the data dir, else
+    /// one started for the run. Without images or -f, the configuration's [[prefetch]]
+    /// lists. Progress bars on a terminal, a line per image otherwise; a summary at the
+    /// end; non-zero exit when an image failed. Re-running fetches nothing new.
+    Prefetch {
+        /// Images as users write them (`alpine:3.20`, `ghcr.io/org/app@sha256:…`).
+        images: Vec<String>,
+        /// A file with one image per line (`#` comments and blank lines skipped).
+        #[arg(short = 'f', long = "file")]
+        list: Option<PathBuf>,
+        /// Only these platforms of multi-platform images (comma-separated); default all.
+        #[arg(long, value_delimiter = ',')]
+        platform: Vec<String>,
+        /// Blobs fetched at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Leave out attestations, signatures and SBOMs.
+        #[arg(long)]
+        no_extras: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Write cached images into one bundle file for an air gap: an OCI image layout in a
     /// tar (with a Docker manifest.json for single-platform images), which `wharf import`,

@@ -62,6 +62,9 @@ pub struct Config {
     /// upstream's own `offline` wins over this.
     #[serde(default)]
     pub offline: bool,
+    /// Image lists `wharf prefetch` fetches (and the server again every `refresh`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefetch: Vec<crate::prefetch::PrefetchConfig>,
 }
 
 /// What one client, or all of them together, may hold of the server.
@@ -452,6 +455,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             auth: AuthConfig::default(),
             offline: false,
+            prefetch: Vec::new(),
         }
     }
 }

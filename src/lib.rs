@@ -18,7 +18,8 @@
 //! - [`analytics`]: the one place requests are accounted: pulls by tag and platform,
 //!   bounded label cardinality, per-day counts kept in the store's analytics db.
 //!
-//! Around them: [`bundle`] (air-gap bundles: the cache exported as an OCI layout tar, and
+//! Around them: [`prefetch`] (the client that fills a cache from a list through the
+//! server's prefetch endpoints), [`bundle`] (air-gap bundles: the cache exported as an OCI layout tar, and
 //! a bundle checked whole and filed into the cache), [`config`] (layered configuration), [`containerd`] (node configuration:
 //! containerd's hosts.toml pointing at the mirror), [`server`] (accept loop, TLS with
 //! certificate reload, graceful shutdown, and the limits a hostile client meets), [`metrics`] (every metric, defined once), [`oci`]
@@ -35,6 +36,7 @@ pub mod config;
 pub mod containerd;
 pub mod metrics;
 pub mod oci;
+pub mod prefetch;
 pub mod server;
 pub mod store;
 pub mod upstream;

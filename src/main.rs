@@ -47,6 +47,9 @@ fn main() -> ExitCode {
             export(config, &images, &output, list.as_deref(), all, &platform, since.as_deref(), json)
         }
         Command::Import { bundle, json } => import(config, &bundle, json),
+        Command::Prefetch { images, list, platform, concurrency, no_extras, json } => {
+            rt.block_on(prefetch(config, &images, list.as_deref(), &platform, concurrency, !no_extras, json))
+        }
         Command::CheckConfig { file } => check_config(&file),
         Command::ConfigureContainerd { mirror, registries, from_config, dir, restore, hold } => {
             let res =
@@ -114,12 +117,8 @@ async fn ask_server(config: &Config, path: &str) -> Result<serde_json::Value, Bo
     call_server(config, reqwest::Method::GET, path).await
 }
 
-/// Sends `method path` to the server that holds the data dir.
-async fn call_server(
-    config: &Config,
-    method: reqwest::Method,
-    path: &str,
-) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+/// Where the server that holds the data dir answers `/_wharf/*`: `scheme://addr`.
+fn server_base(config: &Config) -> Result<String, Box<dyn std::error::Error>> {
     let info: serde_json::Value =
         serde_json::from_slice(&std::fs::read(config.data_dir.join("wharf/server.json"))?)?;
     // With an admin listener, `/_wharf/*` is served there only, over plain HTTP.
@@ -134,13 +133,33 @@ async fn call_server(
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
+    Ok(format!("{scheme}://{addr}"))
+}
+
+/// For a server with auth.protect_admin: `user:password` of an htpasswd user, from
+/// WHARF_CREDENTIALS.
+fn admin_credentials() -> Result<Option<(String, String)>, Box<dyn std::error::Error>> {
+    match std::env::var("WHARF_CREDENTIALS") {
+        Ok(creds) => {
+            let (user, password) = creds.split_once(':').ok_or("WHARF_CREDENTIALS is not user:password")?;
+            Ok(Some((user.to_owned(), password.to_owned())))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// Sends `method path` to the server that holds the data dir.
+async fn call_server(
+    config: &Config,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let base = server_base(config)?;
     // The server is on this machine and named in our own data dir; its certificate may be
     // for another name than the address we reach it by.
     let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build()?;
-    let mut req = client.request(method, format!("{scheme}://{addr}{path}"));
-    // For a server with auth.protect_admin: `user:password` of an htpasswd user.
-    if let Ok(creds) = std::env::var("WHARF_CREDENTIALS") {
-        let (user, password) = creds.split_once(':').ok_or("WHARF_CREDENTIALS is not user:password")?;
+    let mut req = client.request(method, format!("{base}{path}"));
+    if let Some((user, password)) = admin_credentials()? {
         req = req.basic_auth(user, Some(password));
     }
     let resp = req.send().await?;
@@ -285,17 +304,12 @@ fn export(
     since: Option<&Path>,
     json: bool,
 ) -> Res {
-    use wharf::bundle::{self, ExportOptions, Platform};
+    use wharf::bundle::{self, ExportOptions};
+    use wharf::oci::Platform;
     let state = open_alone(config, "export")?;
     let mut wanted: Vec<String> = images.to_vec();
     if let Some(l) = list {
-        let text = std::fs::read_to_string(l).map_err(|e| format!("{}: {e}", l.display()))?;
-        wanted.extend(
-            text.lines()
-                .map(|l| l.split('#').next().unwrap_or("").trim())
-                .filter(|l| !l.is_empty())
-                .map(str::to_owned),
-        );
+        wanted.extend(read_list(l)?);
     }
     let mut selection = Vec::new();
     for w in &wanted {
@@ -370,6 +384,187 @@ fn export(
         }
     );
     Ok(())
+}
+
+/// An image list: one per line, `#` comments and blank lines skipped.
+fn read_list(path: &Path) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+fn bar_style(tail: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(&format!(
+        "{{prefix:<40!}} {{bar:24}} {{bytes:>10}}/{{total_bytes:<10}} {{bytes_per_sec:>12}} {tail}"
+    ))
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+}
+
+/// Bars on a terminal: one per image (bytes and rate), and a total with an ETA.
+struct Bars {
+    _multi: indicatif::MultiProgress,
+    total: indicatif::ProgressBar,
+    images: Vec<indicatif::ProgressBar>,
+}
+
+impl Bars {
+    fn new(names: &[String]) -> Bars {
+        let multi = indicatif::MultiProgress::new();
+        let images = names
+            .iter()
+            .map(|n| {
+                let b = multi.add(indicatif::ProgressBar::new(0).with_style(bar_style("{msg}")));
+                b.set_prefix(n.clone());
+                b
+            })
+            .collect();
+        let total = multi.add(indicatif::ProgressBar::new(0).with_style(bar_style("ETA {eta}")));
+        total.set_prefix("total");
+        Bars { _multi: multi, total, images }
+    }
+}
+
+impl wharf::prefetch::Progress for Bars {
+    fn sized(&self, i: usize, _image: &str, bytes: u64) {
+        self.images[i].set_length(bytes);
+        self.total.inc_length(bytes);
+    }
+    fn blob(&self, i: usize, bytes: u64, _fetched: bool) {
+        self.images[i].inc(bytes);
+        self.total.inc(bytes);
+    }
+    fn done(&self, i: usize, o: &wharf::prefetch::Outcome) {
+        let msg = if o.ok() { "done".to_owned() } else { format!("FAILED: {}", o.result) };
+        self.images[i].finish_with_message(msg);
+        if self.images.iter().all(|b| b.is_finished()) {
+            self.total.finish();
+        }
+    }
+}
+
+/// A line per image when stderr is not a terminal.
+struct Lines;
+
+impl wharf::prefetch::Progress for Lines {
+    fn sized(&self, _i: usize, _image: &str, _bytes: u64) {}
+    fn blob(&self, _i: usize, _bytes: u64, _fetched: bool) {}
+    fn done(&self, _i: usize, o: &wharf::prefetch::Outcome) {
+        match o.ok() {
+            true => eprintln!(
+                "prefetched {} {} {} ({:.1} MB fetched, {:.1} MB cached)",
+                o.image,
+                o.digest,
+                o.platforms.join(","),
+                o.fetched_bytes as f64 / 1e6,
+                o.cached_bytes as f64 / 1e6
+            ),
+            false => eprintln!("FAILED {}: {}", o.image, o.result),
+        }
+    }
+}
+
+/// `wharf prefetch`: through the running server, or one started on the data dir for the run.
+async fn prefetch(
+    config: Config,
+    images: &[String],
+    list: Option<&Path>,
+    platforms: &[String],
+    concurrency: usize,
+    extras: bool,
+    json: bool,
+) -> Res {
+    use std::sync::Arc;
+    use wharf::oci::Platform;
+    use wharf::prefetch::{self, Target};
+    let parse_platforms = |ps: &[String]| {
+        ps.iter()
+            .map(|p| Platform::parse(p).ok_or_else(|| format!("platform {p:?}: expected os/arch[/variant]")))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let asked = parse_platforms(platforms)?;
+    let target = |image: &str, platforms: &[Platform], extras: bool| Target {
+        image: image.to_owned(),
+        platforms: platforms.to_vec(),
+        extras,
+    };
+    let mut targets: Vec<Target> = images.iter().map(|i| target(i, &asked, extras)).collect();
+    if let Some(l) = list {
+        targets.extend(read_list(l)?.iter().map(|i| target(i, &asked, extras)));
+    }
+    if targets.is_empty() {
+        for entry in &config.prefetch {
+            let ps = match asked.is_empty() {
+                true => parse_platforms(&entry.platforms)?,
+                false => asked.clone(),
+            };
+            targets.extend(entry.images.iter().map(|i| target(i, &ps, extras && entry.extras)));
+        }
+    }
+    if targets.is_empty() {
+        return Err(
+            "nothing to prefetch: name images, give -f LIST, or add [[prefetch]] to the configuration".into(),
+        );
+    }
+    // The running server's cache, or a server of our own on the data dir for the run.
+    let (base, credentials, own) = if store::is_locked(&config.data_dir) {
+        (server_base(&config)?, admin_credentials()?, None)
+    } else {
+        let mut c = config.clone();
+        c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.admin.listen = None;
+        c.metrics.listen = None;
+        c.tls = None;
+        c.auth = Default::default();
+        let state = AppState::open(c)?;
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(wharf::serve(listener, state, async {
+            let _ = stopped.await;
+        }));
+        (format!("http://{addr}"), None, Some((stop, server)))
+    };
+    let client = Arc::new(prefetch::Client::new(&base, credentials)?);
+    let progress: Arc<dyn prefetch::Progress> = match std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        true => Arc::new(Bars::new(&targets.iter().map(|t| t.image.clone()).collect::<Vec<_>>())),
+        false => Arc::new(Lines),
+    };
+    let outcomes = prefetch::run(client, &targets, concurrency, progress.clone()).await;
+    drop(progress);
+    if let Some((stop, server)) = own {
+        // A graceful stop: downloads under way are stored before it returns.
+        let _ = stop.send(());
+        server.await??;
+    }
+    let failed = outcomes.iter().filter(|o| !o.ok()).count();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&outcomes)?);
+    } else {
+        let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+        println!(
+            "{:<48}  {:<71}  {:<24}  {:>10}  {:>10}  RESULT",
+            "IMAGE", "DIGEST", "PLATFORMS", "FETCHED", "CACHED"
+        );
+        for o in &outcomes {
+            println!(
+                "{:<48}  {:<71}  {:<24}  {:>10}  {:>10}  {}",
+                o.image,
+                o.digest,
+                o.platforms.join(","),
+                mb(o.fetched_bytes),
+                mb(o.cached_bytes),
+                o.result
+            );
+        }
+    }
+    match failed {
+        0 => Ok(()),
+        n => Err(format!("{n} of {} images failed", outcomes.len()).into()),
+    }
 }
 
 fn import(config: Config, bundle_path: &Path, json: bool) -> Res {

@@ -42,6 +42,11 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// Body bytes received from upstreams.
     pub upstream_bytes: IntCounterVec,
+    /// Manifests and blobs a prefetch asked for, by upstream and result (not pulls).
+    pub prefetch_manifests: IntCounterVec,
+    pub prefetch_blobs: IntCounterVec,
+    /// Blob bytes a prefetch brought into the cache (not counting what it found there).
+    pub prefetch_bytes: IntCounterVec,
     /// Tag requests answered from cache because the upstream could not answer.
     pub stale_served: IntCounterVec,
     /// Tags answered, with the upstream unreachable or offline, by an older digest of their
@@ -226,6 +231,21 @@ impl Metrics {
             stale_served: r.counter_vec(
                 "wharf_stale_served_total",
                 "Tags served from cache while the upstream could not answer",
+                &["upstream"],
+            ),
+            prefetch_manifests: r.counter_vec(
+                "wharf_prefetch_manifests_total",
+                "Manifests a prefetch asked for, by result (not pulls)",
+                &["upstream", "result"],
+            ),
+            prefetch_blobs: r.counter_vec(
+                "wharf_prefetch_blobs_total",
+                "Blobs a prefetch asked for: hit (held already) or fetched",
+                &["upstream", "result"],
+            ),
+            prefetch_bytes: r.counter_vec(
+                "wharf_prefetch_bytes_total",
+                "Blob bytes a prefetch brought into the cache",
                 &["upstream"],
             ),
             tag_fallbacks: r.counter_vec(

@@ -397,6 +397,44 @@ pub fn valid_descriptor(v: &serde_json::Value) -> bool {
         && v.get("size").and_then(|s| s.as_u64()).is_some()
 }
 
+/// A platform as users write it: `linux/amd64`, `linux/arm64/v8`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    pub fn parse(s: &str) -> Option<Platform> {
+        let mut parts = s.trim().split('/');
+        let os = parts.next().filter(|p| !p.is_empty())?.to_owned();
+        let architecture = parts.next().filter(|p| !p.is_empty())?.to_owned();
+        let variant = parts.next().map(str::to_owned);
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Platform { os, architecture, variant })
+    }
+
+    /// Whether an index entry's `platform` is this one (a variant asked for must match).
+    pub fn matches(&self, p: &serde_json::Value) -> bool {
+        p["os"].as_str() == Some(&self.os)
+            && p["architecture"].as_str() == Some(&self.architecture)
+            && self.variant.as_deref().is_none_or(|v| p["variant"].as_str() == Some(v))
+    }
+}
+
+/// An index entry's `platform` as users write it.
+pub fn platform_string(p: &serde_json::Value) -> String {
+    let mut s = format!("{}/{}", p["os"].as_str().unwrap_or("?"), p["architecture"].as_str().unwrap_or("?"));
+    if let Some(v) = p["variant"].as_str() {
+        s.push('/');
+        s.push_str(v);
+    }
+    s
+}
+
 /// The children of an index that are images for a platform: not buildx attestation
 /// manifests (platform `unknown/unknown`, or annotated as attestations).
 pub fn platform_children(index: &[u8]) -> Vec<Digest> {
@@ -431,6 +469,19 @@ pub fn default_platform_child(index: &[u8]) -> Option<Digest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn platforms_parse_and_match() {
+        let p = Platform::parse("linux/arm64/v8").expect("parses");
+        assert!(p.matches(&json!({"os": "linux", "architecture": "arm64", "variant": "v8"})));
+        assert!(!p.matches(&json!({"os": "linux", "architecture": "arm64"})));
+        let any = Platform::parse("linux/arm64").expect("parses");
+        assert!(any.matches(&json!({"os": "linux", "architecture": "arm64", "variant": "v8"})));
+        for bad in ["", "linux", "linux/", "/amd64", "a/b/c/d"] {
+            assert!(Platform::parse(bad).is_none(), "{bad}");
+        }
+    }
 
     #[test]
     fn references_are_children_and_blobs_but_not_the_subject() {

@@ -73,32 +73,66 @@ struct Connected {
     _reg: Registry,
     app: common::image::Layout,
     tool: common::image::Layout,
+    /// An OCI artifact (a non-image media type): its manifest digest and its one blob.
+    model: (String, String, Vec<u8>),
     data: PathBuf,
     config: PathBuf,
     history: serde_json::Value,
 }
 
-/// wharf A online: pulls two images through (the second after its tag moved, so it has
-/// history), then stops; its data dir and configuration stay.
+const MODEL_TYPE: &str = "application/vnd.example.model.v1";
+
+/// Pushes an artifact: an empty config and one layer of a type no image has.
+async fn push_model(registry: &str) -> (String, String, Vec<u8>) {
+    let bytes = common::image::noise("model", 40 * 1024);
+    let layer = common::push::blob(registry, "demo/model", &bytes).await;
+    let empty = common::push::blob(registry, "demo/model", b"{}").await;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": MODEL_TYPE,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{"mediaType": "application/vnd.example.model.weights", "digest": layer, "size": bytes.len()}],
+    });
+    let d = common::push::manifest(
+        registry,
+        "demo/model",
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest.to_string().as_bytes(),
+    )
+    .await;
+    (d, layer, bytes)
+}
+
+/// wharf A online (a stopped data dir: prefetch runs a server of its own) prefetches a
+/// list: two multi-platform images (one with attestations, and a tag that moved, so it has
+/// history) and an artifact.
 fn connected_side(work: &Path) -> Connected {
     let reg = Registry::start();
     let old = reg.seed(work, "app-old", "demo/app:1.0", LAYERS);
     let data = work.join("a-data");
+    let config = work.join("a.toml");
     let toml = format!("[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ninsecure = true\n", reg.url());
-    let mut a = Wharf::with_config_at(&toml, Some(data.clone()));
-    pull(&format!("{}/demo/app:1.0", a.host()), &work.join("a-old")).expect("pull old");
+    std::fs::write(&config, toml).expect("write");
+    succeeded(&cli(&config, &data, &["prefetch", "demo/app:1.0"]), "prefetch the old image");
     let app = reg.seed(work, "app", "demo/app:1.0", LAYERS);
     let tool = reg.seed_with(work, "tool", "demo/tool:2", LAYERS, false);
-    pull(&format!("{}/demo/app:1.0", a.host()), &work.join("a-app")).expect("pull app");
-    pull(&format!("{}/demo/tool:2", a.host()), &work.join("a-tool")).expect("pull tool");
-    let history = serde_json::from_str(&succeeded(&a.cli(&["history", "demo/app:1.0", "--json"]), "history"))
-        .expect("json");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let model = rt.block_on(push_model(&reg.url()));
+    let list = work.join("images.txt");
+    std::fs::write(&list, "demo/app:1.0\ndocker.io/demo/tool:2\ndemo/model:v1\n").expect("write");
+    let out = cli(&config, &data, &["prefetch", "-f", list.to_str().expect("path"), "--json"]);
+    let outcomes: Vec<serde_json::Value> = serde_json::from_str(&succeeded(&out, "prefetch")).expect("json");
+    assert!(outcomes.iter().all(|o| o["result"] == "ok"), "{outcomes:?}");
+    assert_eq!(outcomes[2]["digest"], model.0.as_str());
+    let history = serde_json::from_str(&succeeded(
+        &cli(&config, &data, &["history", "demo/app:1.0", "--json"]),
+        "history",
+    ))
+    .expect("json");
     assert_ne!(old.index, app.index);
-    assert!(a.stop().success());
-    // The server's own config file goes with its handle; the CLI gets a copy.
-    let config = work.join("a.toml");
-    std::fs::write(&config, toml).expect("write");
-    Connected { _reg: reg, app, tool, data, config, history }
+    Connected { _reg: reg, app, tool, model, data, config, history }
 }
 
 #[test]
@@ -109,7 +143,15 @@ fn a_bundle_crosses_the_gap_and_every_client_pulls_from_the_offline_mirror() {
     let out = cli(
         &a.config,
         &a.data,
-        &["export", "-o", bundle.to_str().expect("path"), "demo/app:1.0", "docker.io/demo/tool:2", "--json"],
+        &[
+            "export",
+            "-o",
+            bundle.to_str().expect("path"),
+            "demo/app:1.0",
+            "docker.io/demo/tool:2",
+            "demo/model:v1",
+            "--json",
+        ],
     );
     let report: serde_json::Value = serde_json::from_str(&succeeded(&out, "export")).expect("json");
     assert_eq!(report["images"][0]["digest"], a.app.index.as_str());
@@ -141,6 +183,30 @@ fn a_bundle_crosses_the_gap_and_every_client_pulls_from_the_offline_mirror() {
         assert_eq!(layout_top_digest(&out), img.index, "{name}");
         assert_eq!(layout_blobs(&out), img.blobs.iter().cloned().collect(), "{name}");
     }
+    // The artifact, byte for byte, with its media type.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (manifest_digest, media_type, layer) = rt.block_on(async {
+        let r = reqwest::Client::new()
+            .get(b.url("/v2/demo/model/manifests/v1"))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .expect("manifest");
+        assert_eq!(r.status(), 200);
+        let d = r.headers()["docker-content-digest"].to_str().expect("digest").to_owned();
+        let v: serde_json::Value = r.json().await.expect("json");
+        let layer = reqwest::get(b.url(&format!("/v2/demo/model/blobs/{}", a.model.1)))
+            .await
+            .expect("blob")
+            .bytes()
+            .await
+            .expect("bytes");
+        (d, v["artifactType"].as_str().unwrap_or_default().to_owned(), layer)
+    });
+    assert_eq!(manifest_digest, a.model.0);
+    assert_eq!(media_type, MODEL_TYPE);
+    assert!(layer.as_ref() == a.model.2.as_slice(), "the artifact's blob, byte-identical");
+
     // The tag's history crossed the gap.
     let history: serde_json::Value =
         serde_json::from_str(&succeeded(&b.cli(&["history", "demo/app:1.0", "--json"]), "history on B"))

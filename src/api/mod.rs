@@ -74,7 +74,7 @@ async fn answer(state: AppState, req: Request<Incoming>, client: IpAddr, port: P
             }
             _ => {}
         }
-        let gc_run = method == Method::POST && matches!(route, Route::Gc);
+        let gc_run = method == Method::POST && matches!(route, Route::Gc | Route::Prefetch { .. });
         if method != Method::GET && method != Method::HEAD && !gc_run {
             return Err(ApiError::Unsupported(format!(
                 "{method} is not supported: wharf is a read-only mirror"
@@ -326,6 +326,13 @@ async fn dispatch(state: &AppState, route: Route, req: &Ctx<'_>) -> Result<Respo
             let json = serde_json::to_vec(&report).map_err(|e| ApiError::Internal(e.to_string()))?;
             Ok(json_response(StatusCode::OK, Bytes::from(json), head))
         }
+        Route::Prefetch { name: asked, what } => {
+            if !req.post {
+                return Err(ApiError::Unsupported("a prefetch is a POST".into()));
+            }
+            let (up, name) = pullable(state, &asked, req)?;
+            prefetch(state, &up, &name, &asked, what, req).await
+        }
         Route::Stats => {
             // A report reads every per-day series: not on the async workers.
             let (store, top, since) = (state.store().clone(), query.top.unwrap_or(10), query.since.clone());
@@ -528,6 +535,61 @@ fn referrers_response(
 /// A manifest, negotiated against the client's `Accept` as distribution does: an index the
 /// client cannot read is answered with its linux/amd64 child; an OCI manifest the client
 /// cannot read is unknown to it.
+/// A prefetch: the cache fetches what a pull would, the same way (verified, single-flight),
+/// and the request is counted apart from pulls. A blob answers with its size and whether
+/// it was held already, once it is verified, not with its bytes.
+async fn prefetch(
+    state: &AppState,
+    up: &Arc<Upstream>,
+    name: &RepoName,
+    asked: &RepoName,
+    what: route::Prefetch,
+    req: &Ctx<'_>,
+) -> Result<Response<Body>, ApiError> {
+    let m = &state.metrics;
+    match what {
+        route::Prefetch::Manifest(reference) => {
+            let served = manifest(state, up, name, &reference, req.headers).await;
+            let result = served.as_ref().map(|s| s.result.as_str()).unwrap_or("error");
+            m.prefetch_manifests.with_label_values(&[&up.name, result]).inc();
+            let served = served?;
+            let mut r = manifest_response(&served, false);
+            if let Ok(v) = HeaderValue::from_str(served.result.as_str()) {
+                r.headers_mut().insert("x-wharf-cache", v);
+            }
+            Ok(r)
+        }
+        route::Prefetch::Blob(d) => {
+            let answer = state.cache.blob(up, name, &d, true).await;
+            let answer = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    m.prefetch_blobs.with_label_values(&[&up.name, "error"]).inc();
+                    return Err(ApiError::from_cache(e, true));
+                }
+            };
+            let size = match &answer.body {
+                BlobBody::File { size, .. } | BlobBody::Stream { size, .. } => Some(*size),
+                BlobBody::Filling { size, .. } => *size,
+                BlobBody::Bytes(b) => Some(b.len() as u64),
+            };
+            let cached = matches!(answer.result, crate::cache::BlobResult::Hit);
+            let result = if cached { "hit" } else { "fetched" };
+            m.prefetch_blobs.with_label_values(&[up.name.as_str(), result]).inc();
+            if !cached {
+                m.prefetch_bytes.with_label_values(&[&up.name]).inc_by(size.unwrap_or(0));
+            }
+            let json = serde_json::json!({ "digest": d.to_string(), "size": size, "cached": cached });
+            Ok(json_response(StatusCode::OK, Bytes::from(json.to_string()), false))
+        }
+        route::Prefetch::Referrers(d) => {
+            let r = state.cache.referrers(up, name, &d).await.map_err(|e| ApiError::from_cache(e, false))?;
+            let path = format!("/_wharf/prefetch/{}/referrers/{d}", asked.as_str());
+            Ok(referrers_response(r.manifests, &path, req.query, false))
+        }
+    }
+}
+
 async fn manifest(
     state: &AppState,
     up: &Arc<Upstream>,

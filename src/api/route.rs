@@ -33,13 +33,28 @@ pub enum Route {
     Ready,
     /// `/_wharf/token`: a bearer token for the credentials (or certificate) presented.
     Token,
+    /// `POST /_wharf/prefetch/<name>/{manifests/<reference>|blobs/<digest>|referrers/<digest>}`:
+    /// what a pull would fetch, into the cache, accounted as a prefetch (a blob is not
+    /// sent back, only whether it was cached).
+    Prefetch { name: RepoName, what: Prefetch },
+}
+
+/// What a prefetch request asks the cache to hold.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prefetch {
+    Manifest(Reference),
+    Blob(Digest),
+    Referrers(Digest),
 }
 
 impl Route {
     /// Routes of the admin surface: on `admin.listen` when it is set, never on the data
     /// port then (health is answered by both).
     pub fn is_admin(&self) -> bool {
-        matches!(self, Route::Metrics | Route::Stats | Route::Gc | Route::History { .. })
+        matches!(
+            self,
+            Route::Metrics | Route::Stats | Route::Gc | Route::History { .. } | Route::Prefetch { .. }
+        )
     }
 
     /// A short, bounded label for metrics and logs.
@@ -58,6 +73,7 @@ impl Route {
             Route::Health => "health",
             Route::Ready => "ready",
             Route::Token => "token",
+            Route::Prefetch { .. } => "prefetch",
         }
     }
 }
@@ -91,6 +107,18 @@ pub fn parse(path: &str) -> Result<Route, ApiError> {
             }
         }
         return Err(ApiError::NotFound(format!("no such path {path:?}")));
+    }
+    if let Some(rest) = path.strip_prefix("/_wharf/prefetch/") {
+        return match parse(&format!("/v2/{rest}"))? {
+            Route::Manifest { name, reference } => {
+                Ok(Route::Prefetch { name, what: Prefetch::Manifest(reference) })
+            }
+            Route::Blob { name, digest } => Ok(Route::Prefetch { name, what: Prefetch::Blob(digest) }),
+            Route::Referrers { name, digest } => {
+                Ok(Route::Prefetch { name, what: Prefetch::Referrers(digest) })
+            }
+            _ => Err(ApiError::NotFound(format!("no such path {path:?}"))),
+        };
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Err(ApiError::NotFound(format!("no such path {path:?}")));
