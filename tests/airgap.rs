@@ -7,25 +7,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use common::daemons::{hosts_dir, Containerd};
 use common::docker::Dockerd;
-use common::{layout_blobs, layout_top_digest, pull, succeeded, wharf_bin, Registry, Wharf};
+use common::{layout_blobs, layout_top_digest, pull, succeeded, wharf_cli as cli, Registry, Wharf};
 
 const LAYERS: &[usize] = &[2048, 96 * 1024];
-
-/// The wharf CLI on a data dir with a configuration file (no server running).
-fn cli(config: &Path, data: &Path, args: &[&str]) -> Output {
-    Command::new(wharf_bin())
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .arg("--data-dir")
-        .arg(data)
-        .output()
-        .expect("wharf runs")
-}
 
 /// An offline wharf's configuration: docker.io, offline, its URL a port nothing listens on.
 fn offline_config(dir: &Path) -> PathBuf {

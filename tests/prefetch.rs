@@ -4,23 +4,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{succeeded, wharf_bin, Registry, Wharf};
+use common::{succeeded, wharf_bin, wharf_cli as cli, Registry, Wharf};
 
 const LAYERS: &[usize] = &[2048, 96 * 1024];
-
-fn cli(config: &Path, data: &Path, args: &[&str]) -> Output {
-    Command::new(wharf_bin())
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .arg("--data-dir")
-        .arg(data)
-        .output()
-        .expect("wharf runs")
-}
 
 fn outcomes(out: &Output) -> Vec<serde_json::Value> {
     serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)

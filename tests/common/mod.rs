@@ -279,6 +279,18 @@ pub struct Wharf {
     listen: String,
 }
 
+/// The wharf CLI on a data dir with a configuration file (no server of the test's).
+pub fn wharf_cli(config: &Path, data: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(wharf_bin())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .expect("wharf runs")
+}
+
 pub fn wharf_bin() -> &'static str {
     env!("CARGO_BIN_EXE_wharf")
 }
