@@ -601,6 +601,16 @@ impl Config {
 
     /// Checks what serde cannot: names usable as storage paths, URL schemes.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for (i, p) in self.prefetch.iter().enumerate() {
+            for image in &p.images {
+                crate::prefetch::split(image)
+                    .map_err(|e| ConfigError::Invalid(format!("prefetch[{i}].images {image:?}: {e}")))?;
+            }
+            if let Some(r) = p.refresh.filter(|r| *r < Duration::from_secs(60)) {
+                return Err(ConfigError::Invalid(format!("prefetch[{i}].refresh {r:?}: at least 1m")));
+            }
+        }
+        crate::prefetch::configured(&self.prefetch, false).map_err(ConfigError::Invalid)?;
         let c = &self.cache;
         if !(c.low_watermark > 0.0 && c.low_watermark <= 1.0) {
             return Err(ConfigError::Invalid(format!(

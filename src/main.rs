@@ -87,6 +87,12 @@ async fn serve(config: Config) -> Res {
         None => None,
     };
     let metrics_addr = admin.as_ref().and_then(|a| a.local_addr().ok()).map(|a| a.to_string());
+    let scheme = if admin.is_none() && state.config.tls.is_some() { "https" } else { "http" };
+    let mut own = admin.as_ref().and_then(|a| a.local_addr().ok()).unwrap_or(addr);
+    if own.ip().is_unspecified() {
+        own.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    spawn_prefetch_refresh(&state, format!("{scheme}://{own}"))?;
     let info_path = state.config.data_dir.join("wharf/server.json");
     // `metrics_addr` is the admin listener's address (its old name, kept for scripts).
     let info = serde_json::json!({ "addr": addr.to_string(), "admin_addr": metrics_addr, "metrics_addr": metrics_addr, "pid": std::process::id() });
@@ -95,6 +101,43 @@ async fn serve(config: Config) -> Res {
     let res = wharf::serve_with_admin(listener, admin, state, shutdown_signal()).await;
     let _ = std::fs::remove_file(&info_path);
     Ok(res?)
+}
+
+/// The `[[prefetch]]` entries with a `refresh`: fetched at start and again every `refresh`,
+/// through this server's own prefetch endpoints, as the user `wharf-prefetch` (a token the
+/// server issues itself, for a server that protects its admin surface).
+fn spawn_prefetch_refresh(state: &AppState, base: String) -> Res {
+    use std::sync::Arc;
+    use wharf::prefetch::{self, Credentials};
+    for entry in state.config.prefetch.iter().filter(|e| e.refresh.is_some()) {
+        let targets = prefetch::configured(std::slice::from_ref(entry), true)?;
+        let every = entry.refresh.unwrap_or_default();
+        let (state, base) = (state.clone(), base.clone());
+        tokio::spawn(async move {
+            loop {
+                let token = state.auth.issue_token(&wharf::auth::Identity::User("wharf-prefetch".into()));
+                match prefetch::Client::new(&base, Some(Credentials::Bearer(token))) {
+                    Ok(client) => {
+                        let outcomes =
+                            prefetch::run(Arc::new(client), &targets, 4, Arc::new(prefetch::Quiet)).await;
+                        for o in &outcomes {
+                            match o.ok() {
+                                true => {
+                                    tracing::info!(image = %o.image, digest = %o.digest, fetched_bytes = o.fetched_bytes, "prefetch refresh")
+                                }
+                                false => {
+                                    tracing::warn!(image = %o.image, error = %o.result, "prefetch refresh failed")
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "prefetch refresh: no client"),
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -496,12 +539,12 @@ async fn prefetch(
         targets.extend(read_list(l)?.iter().map(|i| target(i, &asked, extras)));
     }
     if targets.is_empty() {
-        for entry in &config.prefetch {
-            let ps = match asked.is_empty() {
-                true => parse_platforms(&entry.platforms)?,
-                false => asked.clone(),
-            };
-            targets.extend(entry.images.iter().map(|i| target(i, &ps, extras && entry.extras)));
+        for mut t in prefetch::configured(&config.prefetch, false)? {
+            if !asked.is_empty() {
+                t.platforms = asked.clone();
+            }
+            t.extras &= extras;
+            targets.push(t);
         }
     }
     if targets.is_empty() {
@@ -511,7 +554,7 @@ async fn prefetch(
     }
     // The running server's cache, or a server of our own on the data dir for the run.
     let (base, credentials, own) = if store::is_locked(&config.data_dir) {
-        (server_base(&config)?, admin_credentials()?, None)
+        (server_base(&config)?, admin_credentials()?.map(|(u, p)| prefetch::Credentials::Basic(u, p)), None)
     } else {
         let mut c = config.clone();
         c.listen = SocketAddr::from(([127, 0, 0, 1], 0));

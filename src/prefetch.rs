@@ -92,16 +92,24 @@ pub fn split(image: &str) -> Result<(RepoName, String), String> {
     Ok((repo, reference))
 }
 
+/// How the client proves who it is to a wharf that protects its admin surface.
+#[derive(Clone)]
+pub enum Credentials {
+    Basic(String, String),
+    /// A token the server issued (its own scheduled refresh uses one).
+    Bearer(String),
+}
+
 /// A client of one wharf's prefetch endpoints.
 pub struct Client {
     http: reqwest::Client,
     base: String,
-    credentials: Option<(String, String)>,
+    credentials: Option<Credentials>,
 }
 
 impl Client {
     /// `base`: the wharf's admin address (or its only one), e.g. `http://127.0.0.1:5000`.
-    pub fn new(base: &str, credentials: Option<(String, String)>) -> Result<Client, String> {
+    pub fn new(base: &str, credentials: Option<Credentials>) -> Result<Client, String> {
         let http = reqwest::Client::builder()
             // The server is ours, reached by address: its certificate may name another host.
             .danger_accept_invalid_certs(true)
@@ -113,8 +121,10 @@ impl Client {
     async fn post(&self, name: &RepoName, tail: &str) -> Result<reqwest::Response, String> {
         let url = format!("{}/_wharf/prefetch/{}/{tail}", self.base, name.as_str());
         let mut req = self.http.post(url).header("accept", ACCEPT);
-        if let Some((u, p)) = &self.credentials {
-            req = req.basic_auth(u, Some(p));
+        match &self.credentials {
+            Some(Credentials::Basic(u, p)) => req = req.basic_auth(u, Some(p)),
+            Some(Credentials::Bearer(t)) => req = req.bearer_auth(t),
+            None => {}
         }
         let resp = req.send().await.map_err(|e| crate::upstream::error_chain(&e))?;
         if resp.status().is_success() {
@@ -303,6 +313,37 @@ async fn walk(
     }
 }
 
+/// The targets of the configuration's `[[prefetch]]` entries (those with a `refresh`
+/// only, for the server's schedule).
+pub fn configured(entries: &[PrefetchConfig], scheduled_only: bool) -> Result<Vec<Target>, String> {
+    let mut out = Vec::new();
+    for e in entries.iter().filter(|e| !scheduled_only || e.refresh.is_some()) {
+        let platforms = e
+            .platforms
+            .iter()
+            .map(|p| {
+                Platform::parse(p)
+                    .ok_or_else(|| format!("prefetch platform {p:?}: expected os/arch[/variant]"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.extend(e.images.iter().map(|i| Target {
+            image: i.clone(),
+            platforms: platforms.clone(),
+            extras: e.extras,
+        }));
+    }
+    Ok(out)
+}
+
+/// Progress nobody watches (the server's scheduled refresh logs the outcomes).
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn sized(&self, _: usize, _: &str, _: u64) {}
+    fn blob(&self, _: usize, _: u64, _: bool) {}
+    fn done(&self, _: usize, _: &Outcome) {}
+}
+
 /// Prefetches every target, at most `concurrency` blobs at once; one outcome per target,
 /// in order.
 pub async fn run(
@@ -312,10 +353,10 @@ pub async fn run(
     progress: Arc<dyn Progress>,
 ) -> Vec<Outcome> {
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
-    let mut outcomes: Vec<(usize, Outcome)> = stream::iter(targets.iter().enumerate())
+    let mut outcomes: Vec<(usize, Outcome)> = stream::iter(targets.iter().cloned().enumerate())
         .map(|(i, t)| {
             let (client, slots, progress) = (client.clone(), slots.clone(), progress.clone());
-            async move { (i, one(&client, i, t, &slots, progress.as_ref()).await) }
+            async move { (i, one(&client, i, &t, &slots, progress.as_ref()).await) }
         })
         .buffer_unordered(concurrency.clamp(1, 8))
         .collect()

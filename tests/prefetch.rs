@@ -141,3 +141,72 @@ fn a_terminal_gets_bars_and_a_pipe_gets_lines() {
     assert!(text.contains("ETA") && text.contains("total") && text.contains('\u{1b}'), "bars: {text}");
     assert!(!text.contains("prefetched demo/app:1.0"), "no plain lines on a terminal");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn configured_lists_are_refreshed_by_the_server_behind_a_protected_admin() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let app = reg.seed(work.path(), "app", "demo/app:1.0", LAYERS);
+    let tool = reg.seed_with(work.path(), "tool", "demo/tool:2", LAYERS, false);
+    let pw = work.path().join("htpasswd");
+    std::fs::write(&pw, format!("alice:{}\n", bcrypt::hash("alice-pw", 5).expect("bcrypt"))).expect("write");
+    let w = Wharf::with_config(&format!(
+        "[auth]\nhtpasswd_file = \"{}\"\nprotect_admin = true\n\
+         [[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ninsecure = true\n\
+         [[prefetch]]\nimages = [\"demo/app:1.0\"]\nplatforms = [\"linux/amd64\"]\nrefresh = \"1h\"\n\
+         [[prefetch]]\nimages = [\"demo/tool:2\"]\n",
+        pw.display(),
+        reg.url()
+    ));
+    let metrics = || async {
+        reqwest::Client::new()
+            .get(w.url("/metrics"))
+            .basic_auth("alice", Some("alice-pw"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    };
+    // The entry with a refresh is fetched at start, by the server, as its own user: the
+    // amd64 image (config, two layers) and its attestation (config, one layer).
+    let mut fetched = 0.0;
+    for _ in 0..600 {
+        fetched =
+            common::metric_sum(&metrics().await, "wharf_prefetch_blobs_total", &[("result", "fetched")]);
+        if fetched >= 5.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(fetched, 5.0, "the scheduled entry, amd64 only");
+    assert_eq!(reg.requests(&format!("/manifests/{}", app.images[1])), 0, "not arm64");
+    for b in &tool.blobs {
+        assert_eq!(reg.blob_gets(b), 0, "the entry without refresh waits for `wharf prefetch`");
+    }
+
+    // `wharf prefetch` with no list takes the configuration's, with the admin's credentials.
+    let out = Command::new(wharf_bin())
+        .args(["prefetch", "--json", "--config"])
+        .arg(w.tmp().join("wharf.toml"))
+        .arg("--data-dir")
+        .arg(&w.data)
+        .env("WHARF_CREDENTIALS", "alice:alice-pw")
+        .output()
+        .expect("wharf");
+    let o = outcomes(&out);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(o.len(), 2);
+    assert_eq!(o[0]["fetched_bytes"], 0, "fetched already by the schedule");
+    assert_eq!(o[1]["digest"], tool.index.as_str());
+    let without = Command::new(wharf_bin())
+        .args(["prefetch", "--config"])
+        .arg(w.tmp().join("wharf.toml"))
+        .arg("--data-dir")
+        .arg(&w.data)
+        .output()
+        .expect("wharf");
+    assert!(!without.status.success(), "no credentials, no prefetch");
+    assert!(String::from_utf8_lossy(&without.stdout).contains("401"));
+}
