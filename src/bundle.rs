@@ -536,8 +536,11 @@ fn take_entry(
         "oci-layout" => Some(&mut meta.layout),
         "index.json" => Some(&mut meta.index),
         HISTORY_FILE => Some(&mut meta.history),
-        // For `docker load`; the import reads index.json.
-        "manifest.json" | "repositories" => return Ok(()),
+        // For `docker load`; the import reads index.json (and only checks this is small).
+        "manifest.json" | "repositories" => {
+            read_small(r, &name, MAX_METADATA_BYTES)?;
+            return Ok(());
+        }
         _ => None,
     };
     if let Some(slot) = slot {

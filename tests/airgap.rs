@@ -266,6 +266,12 @@ fn a_bundle_crosses_the_gap_and_every_client_pulls_from_the_offline_mirror() {
         ),
         "export --platform",
     );
+    // A bundle with a manifest.json imports too.
+    let c_data = work.path().join("c-data");
+    succeeded(
+        &cli(&b_config, &c_data, &["import", amd64.to_str().expect("path")]),
+        "import the amd64 bundle",
+    );
     let loaded = d.ok(&["load", "-i", amd64.to_str().expect("path")]);
     assert!(loaded.contains("demo/app:1.0"), "{loaded}");
     let id = d.ok(&["image", "inspect", "-f", "{{.Id}}", "docker.io/demo/app:1.0"]);
