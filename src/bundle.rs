@@ -245,10 +245,26 @@ fn plan(store: &Store, sel: &Selection, opts: &ExportOptions) -> Result<Planned,
     Ok(Planned { sel: sel.clone(), top, manifests, blobs, docker, image })
 }
 
+/// The zstd frame's magic number, which a compressed bundle starts with.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// A bundle file to read as a tar: decompressed when it is zstd (`export --zstd`).
+fn open_tar(path: &Path) -> Result<Box<dyn Read>, BundleError> {
+    use std::io::Seek;
+    let mut f = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    let mut magic = [0u8; 4];
+    let n = f.read(&mut magic).map_err(io_err(format!("reading {}", path.display())))?;
+    f.rewind().map_err(io_err(format!("reading {}", path.display())))?;
+    if n == 4 && magic == ZSTD_MAGIC {
+        let d = zstd::stream::read::Decoder::new(f).map_err(io_err(format!("reading {}", path.display())))?;
+        return Ok(Box::new(d));
+    }
+    Ok(Box::new(f))
+}
+
 /// The blob paths of a bundle (`--since`): what the far side already has.
 pub fn bundle_blobs(path: &Path) -> Result<HashSet<Digest>, BundleError> {
-    let f = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
-    let mut ar = tar::Archive::new(f);
+    let mut ar = tar::Archive::new(open_tar(path)?);
     let mut out = HashSet::new();
     for entry in ar.entries().map_err(io_err(format!("reading {}", path.display())))? {
         let entry = entry.map_err(io_err(format!("reading {}", path.display())))?;
@@ -282,14 +298,14 @@ fn regular_header(size: u64) -> tar::Header {
 pub type TagHistory = (RepoKey, Tag, Vec<(Digest, u64, u64)>);
 
 /// Writes the bundle of `selection` to `out`: metadata first, then each blob once,
-/// streamed from the store.
+/// streamed from the store. Gives `out` back, flushed (a compressor still has to finish).
 pub fn export<W: Write>(
     store: &Store,
     selection: &[Selection],
     history: &[TagHistory],
     opts: &ExportOptions,
     out: W,
-) -> Result<ExportReport, BundleError> {
+) -> Result<(ExportReport, W), BundleError> {
     let planned = selection.iter().map(|s| plan(store, s, opts)).collect::<Result<Vec<_>, _>>()?;
     let mut index_entries = Vec::new();
     let mut docker_entries = Vec::new();
@@ -394,11 +410,9 @@ pub fn export<W: Write>(
         }
         report.blobs += 1;
     }
-    tar.into_inner()
-        .map_err(io_err("finishing the bundle"))?
-        .flush()
-        .map_err(io_err("flushing the bundle"))?;
-    Ok(report)
+    let mut out = tar.into_inner().map_err(io_err("finishing the bundle"))?;
+    out.flush().map_err(io_err("flushing the bundle"))?;
+    Ok((report, out))
 }
 
 #[derive(Deserialize)]
@@ -676,8 +690,7 @@ pub fn import(
     if path.is_dir() {
         read_dir_bundle(store, path, &mut meta, &mut staged)?;
     } else {
-        let f = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
-        let mut ar = tar::Archive::new(f);
+        let mut ar = tar::Archive::new(open_tar(path)?);
         let entries = ar.entries().map_err(|e| refused(format!("not a tar: {e}")))?;
         for entry in entries {
             let entry = entry.map_err(|e| refused(format!("{e} (a truncated or damaged bundle?)")))?;

@@ -150,6 +150,10 @@ pub enum Command {
         /// differential bundle.
         #[arg(long)]
         since: Option<PathBuf>,
+        /// Compress the bundle with zstd (`wharf import` reads it as it is; other tools
+        /// after `zstd -d`).
+        #[arg(long)]
+        zstd: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,

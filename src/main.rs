@@ -43,8 +43,8 @@ fn main() -> ExitCode {
         Command::Reindex => reindex(&config),
         Command::Gc { dry_run, json } => rt.block_on(gc(config, dry_run, json)),
         Command::DumpIndex => dump_index(&config),
-        Command::Export { images, output, list, all, platform, since, json } => {
-            export(config, &images, &output, list.as_deref(), all, &platform, since.as_deref(), json)
+        Command::Export { images, output, list, all, platform, since, zstd, json } => {
+            export(config, &images, &output, list.as_deref(), all, &platform, since.as_deref(), zstd, json)
         }
         Command::Import { bundle, json } => import(config, &bundle, json),
         Command::Prefetch { images, list, platform, concurrency, no_extras, json } => {
@@ -345,6 +345,7 @@ fn export(
     all: bool,
     platforms: &[String],
     since: Option<&Path>,
+    zstd: bool,
     json: bool,
 ) -> Res {
     use wharf::bundle::{self, ExportOptions};
@@ -394,7 +395,19 @@ fn export(
     let file = std::fs::File::create(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
     let out = std::io::BufWriter::with_capacity(1 << 20, file);
     let opts = ExportOptions { platforms, skip };
-    let report = match bundle::export(state.store(), &selection, &history, &opts, out) {
+    let written = match zstd {
+        false => bundle::export(state.store(), &selection, &history, &opts, out).map(|(r, _)| r),
+        true => zstd::stream::write::Encoder::new(out, 3)
+            .map_err(|e| bundle::BundleError::Io { context: "zstd".into(), source: e })
+            .and_then(|enc| bundle::export(state.store(), &selection, &history, &opts, enc))
+            .and_then(|(r, enc)| {
+                enc.finish()
+                    .and_then(|mut w| std::io::Write::flush(&mut w))
+                    .map(|()| r)
+                    .map_err(|e| bundle::BundleError::Io { context: "finishing zstd".into(), source: e })
+            }),
+    };
+    let report = match written {
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_file(&partial);

@@ -25,9 +25,14 @@ fn offline_config(dir: &Path) -> PathBuf {
     cfg
 }
 
-/// Blob entries of a bundle.
+/// Blob entries of a bundle (zstd-compressed or not).
 fn bundle_blobs(bundle: &Path) -> BTreeSet<String> {
-    let mut ar = tar::Archive::new(std::fs::File::open(bundle).expect("bundle"));
+    let bytes = std::fs::read(bundle).expect("bundle");
+    let tar: Box<dyn std::io::Read> = match bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        true => Box::new(zstd::stream::read::Decoder::new(std::io::Cursor::new(bytes)).expect("zstd")),
+        false => Box::new(std::io::Cursor::new(bytes)),
+    };
+    let mut ar = tar::Archive::new(tar);
     ar.entries()
         .expect("tar")
         .filter_map(|e| {
@@ -284,20 +289,31 @@ fn a_differential_bundle_carries_only_what_the_far_side_lacks() {
     let work = tempfile::tempdir().expect("tempdir");
     let a = connected_side(work.path());
     let first = work.path().join("week1.tar");
-    let second = work.path().join("week2.tar");
+    let second = work.path().join("week2.tar.zst");
     let path = |p: &Path| p.to_str().expect("path").to_owned();
     succeeded(&cli(&a.config, &a.data, &["export", "-o", &path(&first), "demo/app:1.0"]), "export week 1");
     succeeded(
         &cli(
             &a.config,
             &a.data,
-            &["export", "-o", &path(&second), "demo/app:1.0", "demo/tool:2", "--since", &path(&first)],
+            &[
+                "export",
+                "-o",
+                &path(&second),
+                "demo/app:1.0",
+                "demo/tool:2",
+                "--since",
+                &path(&first),
+                "--zstd",
+            ],
         ),
         "export week 2",
     );
     let (w1, w2) = (bundle_blobs(&first), bundle_blobs(&second));
     let tool: BTreeSet<String> = a.tool.blobs.iter().cloned().collect();
     assert_eq!(w2, &tool - &w1, "week 2 carries the new image's blobs, nothing week 1 had");
+    let head = std::fs::read(&second).expect("week 2");
+    assert!(head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]), "--zstd writes a zstd stream");
 
     // A far side that imported week 1 takes week 2; one that did not refuses it whole.
     let cfg = offline_config(work.path());
