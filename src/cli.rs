@@ -121,6 +121,9 @@ pub enum Command {
         /// Leave out attestations, signatures and SBOMs.
         #[arg(long)]
         no_extras: bool,
+        /// Pin what is fetched (by tag): eviction never takes those tags' current images.
+        #[arg(long)]
+        pin: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,

@@ -47,8 +47,9 @@ fn main() -> ExitCode {
             export(config, &images, &output, list.as_deref(), all, &platform, since.as_deref(), zstd, json)
         }
         Command::Import { bundle, json } => import(config, &bundle, json),
-        Command::Prefetch { images, list, platform, concurrency, no_extras, json } => {
-            rt.block_on(prefetch(config, &images, list.as_deref(), &platform, concurrency, !no_extras, json))
+        Command::Prefetch { images, list, platform, concurrency, no_extras, pin, json } => {
+            let what = (!no_extras, pin);
+            rt.block_on(prefetch(config, &images, list.as_deref(), &platform, concurrency, what, json))
         }
         Command::CheckConfig { file } => check_config(&file),
         Command::ConfigureContainerd { mirror, registries, from_config, dir, restore, hold } => {
@@ -530,7 +531,7 @@ async fn prefetch(
     list: Option<&Path>,
     platforms: &[String],
     concurrency: usize,
-    extras: bool,
+    (extras, pin): (bool, bool),
     json: bool,
 ) -> Res {
     use std::sync::Arc;
@@ -546,6 +547,7 @@ async fn prefetch(
         image: image.to_owned(),
         platforms: platforms.to_vec(),
         extras,
+        pin,
     };
     let mut targets: Vec<Target> = images.iter().map(|i| target(i, &asked, extras)).collect();
     if let Some(l) = list {
@@ -557,6 +559,7 @@ async fn prefetch(
                 t.platforms = asked.clone();
             }
             t.extras &= extras;
+            t.pin |= pin;
             targets.push(t);
         }
     }

@@ -34,6 +34,9 @@ pub struct PrefetchConfig {
     /// Signatures, SBOMs and attestations too (default true).
     #[serde(default = "yes")]
     pub extras: bool,
+    /// Pin what is fetched: eviction never takes these tags' current images.
+    #[serde(default)]
+    pub pin: bool,
 }
 
 fn yes() -> bool {
@@ -46,6 +49,8 @@ pub struct Target {
     pub image: String,
     pub platforms: Vec<Platform>,
     pub extras: bool,
+    /// Pin the image (by tag) once fetched.
+    pub pin: bool,
 }
 
 /// How one image went, for the summary.
@@ -142,8 +147,10 @@ impl Client {
         &self,
         name: &RepoName,
         reference: &str,
+        pin: bool,
     ) -> Result<(Digest, String, bytes::Bytes), String> {
-        let resp = self.post(name, &format!("manifests/{reference}")).await?;
+        let pin = if pin { "?pin=1" } else { "" };
+        let resp = self.post(name, &format!("manifests/{reference}{pin}")).await?;
         let header = |h: &str| resp.headers().get(h).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let digest = header("docker-content-digest").and_then(|d| Digest::parse(&d)).ok_or("no digest")?;
         let media_type = header("content-type").unwrap_or_default();
@@ -219,7 +226,8 @@ async fn walk(
     out: &mut Outcome,
 ) -> Result<(), String> {
     let (name, reference) = split(&t.image)?;
-    let (top, media_type, bytes) = client.manifest(&name, &reference).await?;
+    // The pin is asked for once the image is whole: a failed prefetch pins nothing.
+    let (top, media_type, bytes) = client.manifest(&name, &reference, false).await?;
     out.digest = top.to_string();
     out.manifests += 1;
     let v: Value = serde_json::from_slice(&bytes).map_err(|e| format!("{top}: {e}"))?;
@@ -259,7 +267,7 @@ async fn walk(
                 .collect(),
         };
         for d in chosen.iter().chain(&attestations) {
-            let (cd, _, cb) = client.manifest(&name, d).await?;
+            let (cd, _, cb) = client.manifest(&name, d, false).await?;
             out.manifests += 1;
             images.push(serde_json::from_slice(&cb).map_err(|e| format!("{d}: {e}"))?);
             subjects.push(cd);
@@ -271,7 +279,7 @@ async fn walk(
         // Signatures, SBOMs and attestations that name the image or a platform of it.
         for s in subjects {
             for r in client.referrers(&name, &s).await? {
-                let (_, _, rb) = client.manifest(&name, &r.to_string()).await?;
+                let (_, _, rb) = client.manifest(&name, &r.to_string(), false).await?;
                 out.manifests += 1;
                 images.push(serde_json::from_slice(&rb).map_err(|e| format!("{r}: {e}"))?);
             }
@@ -307,10 +315,13 @@ async fn walk(
             }
         }
     }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(()),
+    if let Some(e) = first_err {
+        return Err(e);
     }
+    if t.pin && !reference.contains(':') {
+        client.manifest(&name, &reference, true).await?;
+    }
+    Ok(())
 }
 
 /// The targets of the configuration's `[[prefetch]]` entries (those with a `refresh`
@@ -330,6 +341,7 @@ pub fn configured(entries: &[PrefetchConfig], scheduled_only: bool) -> Result<Ve
             image: i.clone(),
             platforms: platforms.clone(),
             extras: e.extras,
+            pin: e.pin,
         }));
     }
     Ok(out)

@@ -210,3 +210,39 @@ async fn configured_lists_are_refreshed_by_the_server_behind_a_protected_admin()
     assert!(!without.status.success(), "no credentials, no prefetch");
     assert!(String::from_utf8_lossy(&without.stdout).contains("401"));
 }
+
+#[test]
+fn a_pinned_prefetch_survives_eviction_and_the_rest_does_not() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let app = reg.seed(work.path(), "app", "demo/app:1.0", LAYERS);
+    let tool = reg.seed_with(work.path(), "tool", "demo/tool:2", LAYERS, false);
+    let upstream = format!("[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ninsecure = true\n", reg.url());
+    let config = work.path().join("w.toml");
+    std::fs::write(&config, &upstream).expect("write");
+    let data = work.path().join("data");
+    succeeded(&cli(&config, &data, &["prefetch", "--pin", "demo/app:1.0"]), "prefetch --pin");
+    succeeded(&cli(&config, &data, &["prefetch", "demo/tool:2"]), "prefetch");
+    let pins = std::fs::read_to_string(data.join("wharf/pins")).expect("pins");
+    assert_eq!(pins.lines().collect::<Vec<_>>(), ["docker.io/demo/app:1.0"]);
+
+    // A cap far below what is held: eviction takes all it may.
+    let tight = work.path().join("tight.toml");
+    std::fs::write(&tight, format!("[cache]\nmax_size = \"1KiB\"\nmin_age = \"0s\"\n{upstream}"))
+        .expect("write");
+    let report: serde_json::Value =
+        serde_json::from_str(&succeeded(&cli(&tight, &data, &["gc", "--json"]), "gc")).expect("json");
+    let stored = |d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        data.join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data").exists()
+    };
+    for b in &app.blobs {
+        assert!(stored(b), "{b} of the pinned image stays");
+    }
+    let manifests: Vec<&String> = [&tool.index].into_iter().chain(&tool.images).collect();
+    let evicted: Vec<&String> = tool.blobs.iter().filter(|b| !manifests.contains(b)).collect();
+    assert!(!evicted.is_empty());
+    for b in evicted {
+        assert!(!stored(b), "{b} of the unpinned image is evicted: {report}");
+    }
+}

@@ -362,6 +362,8 @@ pub struct Query {
     pub since: Option<String>,
     /// `artifactType=` of a referrers request.
     pub artifact_type: Option<String>,
+    /// `pin=1` on a prefetch by tag: the tag's image is never evicted.
+    pub pin: bool,
 }
 
 impl Query {
@@ -374,6 +376,7 @@ impl Query {
                 "last" => out.last = Some(v.into_owned()),
                 "top" => out.top = v.parse().ok(),
                 "since" => out.since = Some(v.into_owned()),
+                "pin" => out.pin = matches!(&*v, "1" | "true"),
                 // A media type has no spaces: a `+` a client left unencoded
                 // (`…+json`) is a plus, not the space form decoding makes of it.
                 "artifactType" => out.artifact_type = Some(v.replace(' ', "+")),
@@ -553,6 +556,13 @@ async fn prefetch(
             let result = served.as_ref().map(|s| s.result.as_str()).unwrap_or("error");
             m.prefetch_manifests.with_label_values(&[&up.name, result]).inc();
             let served = served?;
+            if let (true, Reference::Tag(t)) = (req.query.pin, &reference) {
+                let (store, key, t) = (state.store().clone(), RepoKey::new(&up.name, name), t.clone());
+                tokio::task::spawn_blocking(move || store.pin(&key, &t))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+            }
             let mut r = manifest_response(&served, false);
             if let Ok(v) = HeaderValue::from_str(served.result.as_str()) {
                 r.headers_mut().insert("x-wharf-cache", v);

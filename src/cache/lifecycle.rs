@@ -192,14 +192,17 @@ impl Cache {
         self.leases.held(d) || self.fills.lock().unwrap_or_else(|p| p.into_inner()).contains_key(d)
     }
 
-    /// Every blob a pinned tag's current image reaches.
+    /// Every blob a pinned tag's current image reaches: pinned by `cache.pins` or by
+    /// `prefetch --pin`.
     fn pinned(&self) -> Result<HashSet<Digest>, StoreError> {
         let mut out = HashSet::new();
-        if self.policy.pins.is_empty() {
+        let prefetched = self.store.pins()?;
+        if self.policy.pins.is_empty() && prefetched.is_empty() {
             return Ok(out);
         }
         for (repo, tag, d) in self.store.tag_entries()? {
-            if self.policy.pins.is_match(format!("{}:{}", repo.as_str(), tag.as_str())) {
+            let name = format!("{}:{}", repo.as_str(), tag.as_str());
+            if prefetched.contains(&name) || self.policy.pins.is_match(&name) {
                 reach(&self.store, &d, &mut out)?;
             }
         }

@@ -168,6 +168,10 @@ pub struct Store {
     blob_bytes: AtomicU64,
     /// `wharf/clean`: present only between a clean close and the next open.
     clean_path: PathBuf,
+    /// `wharf/pins`: tags pinned by `prefetch --pin`, one `<repo>:<tag>` per line. Not
+    /// derivable from the tree, so not in the index; the lock orders writers.
+    pins_path: PathBuf,
+    pins_lock: Mutex<()>,
     /// Held for the store's lifetime: one process per data dir.
     _lock: File,
 }
@@ -248,6 +252,8 @@ impl Store {
             blob_count: AtomicU64::new(0),
             blob_bytes: AtomicU64::new(0),
             clean_path,
+            pins_path: wharf_dir.join("pins"),
+            pins_lock: Mutex::new(()),
             _lock: lock,
         };
         match (store.index.is_built()?, clean) {
@@ -581,6 +587,32 @@ impl Store {
             self.index.put_subject(r, &subject, d, &desc)?;
         }
         Ok(())
+    }
+
+    /// Tags pinned by `prefetch --pin`, as `<repo>:<tag>`.
+    pub fn pins(&self) -> Result<HashSet<String>, StoreError> {
+        match fs::read_to_string(&self.pins_path) {
+            Ok(s) => Ok(s.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(HashSet::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Pins tag `t` of `r`: its current image is never evicted. Returns whether it is new.
+    pub fn pin(&self, r: &RepoKey, t: &Tag) -> Result<bool, StoreError> {
+        let _one_writer = self.pins_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pins = self.pins()?;
+        if !pins.insert(format!("{}:{}", r.as_str(), t.as_str())) {
+            return Ok(false);
+        }
+        let mut lines: Vec<String> = pins.into_iter().collect();
+        lines.sort();
+        let tmp = self.pins_path.with_extension("new");
+        let mut f = File::create(&tmp)?;
+        io::Write::write_all(&mut f, format!("{}\n", lines.join("\n")).as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &self.pins_path)?;
+        Ok(true)
     }
 
     /// Whether the store can serve and cache now: the index answers a read and the data
