@@ -74,8 +74,9 @@ async fn answer(state: AppState, req: Request<Incoming>, client: IpAddr, port: P
             }
             _ => {}
         }
-        let gc_run = method == Method::POST && matches!(route, Route::Gc | Route::Prefetch { .. });
-        if method != Method::GET && method != Method::HEAD && !gc_run {
+        // The admin actions that change something are POSTs; the registry API is read-only.
+        let post = method == Method::POST && matches!(route, Route::Gc | Route::Prefetch { .. });
+        if method != Method::GET && method != Method::HEAD && !post {
             return Err(ApiError::Unsupported(format!(
                 "{method} is not supported: wharf is a read-only mirror"
             )));
@@ -88,7 +89,7 @@ async fn answer(state: AppState, req: Request<Incoming>, client: IpAddr, port: P
             _ => None,
         };
         let ctx =
-            Ctx { query: &query, headers: req.headers(), head, client, zerocopy, post: gc_run, identity };
+            Ctx { query: &query, headers: req.headers(), head, client, zerocopy, post, identity };
         dispatch(&state, route, &ctx).await
     }
     .instrument(span.clone())
@@ -535,9 +536,6 @@ fn referrers_response(
     r
 }
 
-/// A manifest, negotiated against the client's `Accept` as distribution does: an index the
-/// client cannot read is answered with its linux/amd64 child; an OCI manifest the client
-/// cannot read is unknown to it.
 /// A prefetch: the cache fetches what a pull would, the same way (verified, single-flight),
 /// and the request is counted apart from pulls. A blob answers with its size and whether
 /// it was held already, once it is verified, not with its bytes.
@@ -600,6 +598,9 @@ async fn prefetch(
     }
 }
 
+/// A manifest, negotiated against the client's `Accept` as distribution does: an index the
+/// client cannot read is answered with its linux/amd64 child; an OCI manifest the client
+/// cannot read is unknown to it.
 async fn manifest(
     state: &AppState,
     up: &Arc<Upstream>,
