@@ -14,8 +14,15 @@ case $host in
 esac
 # An explicit --target keeps the flag off build scripts and proc-macros, which cannot be static.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/static}
-# A test image needs no debug info: 180 MiB of it would go into every build context.
-[[ $profile == dev ]] && export CARGO_PROFILE_DEV_DEBUG=${CARGO_PROFILE_DEV_DEBUG:-0}
+# An image carries no debug info (symbol names stay, for backtraces): a release binary
+# is 15 MiB without it and 90 MiB with the line tables, a dev one 40 MiB and 180 MiB.
+case $profile in
+  dev) export CARGO_PROFILE_DEV_DEBUG=${CARGO_PROFILE_DEV_DEBUG:-0} ;;
+  release)
+    export CARGO_PROFILE_RELEASE_DEBUG=${CARGO_PROFILE_RELEASE_DEBUG:-0}
+    export CARGO_PROFILE_RELEASE_STRIP=${CARGO_PROFILE_RELEASE_STRIP:-debuginfo}
+    ;;
+esac
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
   cargo build --locked --profile "$profile" --target "$host" --bin wharf
 dir=$profile
