@@ -214,33 +214,35 @@ fn a_bundle_crosses_the_gap_and_every_client_pulls_from_the_offline_mirror() {
     assert_eq!(digests(&history), digests(&a.history), "the same digests, newest first");
     assert_eq!(digests(&history).len(), 2);
 
-    // containerd with a hosts.toml mirror.
+    // containerd with a hosts.toml mirror, and the docker daemon with registry-mirrors:
+    // every image, the upstream's digests.
     let ctd = Containerd::start();
     let hosts = hosts_dir(work.path(), "docker.io", &b);
-    let out = ctd.ctr(&[
-        "images",
-        "pull",
-        "--hosts-dir",
-        hosts.to_str().expect("path"),
-        "--snapshotter",
-        "native",
-        "docker.io/demo/tool:2",
-    ]);
-    succeeded(&out, "ctr images pull through B");
-    let listed = succeeded(&ctd.ctr(&["images", "ls"]), "ctr images ls");
-    assert!(
-        listed.lines().any(|l| l.starts_with("docker.io/demo/tool:2") && l.contains(&a.tool.index)),
-        "{listed}"
-    );
-
-    // The docker daemon with registry-mirrors.
     let mirror = format!("http://{}", b.host());
     let d = Dockerd::start(
         &work.path().join("docker"),
         &["--registry-mirror", &mirror, "--insecure-registry", &b.host()],
     );
-    let pulled = d.ok(&["pull", "demo/app:1.0"]);
-    assert!(pulled.contains(&a.app.index), "docker reports the upstream's digest: {pulled}");
+    for (name, img) in [("demo/app:1.0", &a.app), ("demo/tool:2", &a.tool)] {
+        let full = format!("docker.io/{name}");
+        let out = ctd.ctr(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            hosts.to_str().expect("path"),
+            "--snapshotter",
+            "native",
+            &full,
+        ]);
+        succeeded(&out, &format!("ctr images pull {full} through B"));
+        let listed = succeeded(&ctd.ctr(&["images", "ls"]), "ctr images ls");
+        assert!(listed.lines().any(|l| l.starts_with(&full) && l.contains(&img.index)), "{listed}");
+        let pulled = d.ok(&["pull", name]);
+        assert!(pulled.contains(&img.index), "docker reports the upstream's digest: {pulled}");
+    }
+    // What they pulled goes, so reading the bundle directly below proves something.
+    succeeded(&ctd.ctr(&["images", "rm", "docker.io/demo/app:1.0"]), "ctr images rm");
+    d.ok(&["rmi", "demo/app:1.0", "demo/tool:2"]);
 
     // The bundle read directly: skopeo from the archive, ctr import, docker load.
     let from_archive = work.path().join("from-archive");
