@@ -246,3 +246,40 @@ fn a_pinned_prefetch_survives_eviction_and_the_rest_does_not() {
         assert!(!stored(b), "{b} of the unpinned image is evicted: {report}");
     }
 }
+
+/// An address on the loopback interface outside 127.0.0.0/8: a client from it is not local.
+const REMOTE_TEST_ADDR: &str = "10.213.7.2";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_a_local_client_or_a_signed_in_user_may_pin() {
+    let _ = Command::new("ip").args(["addr", "add", &format!("{REMOTE_TEST_ADDR}/32"), "dev", "lo"]).status();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    reg.seed(work.path(), "app", "demo/app:1.0", LAYERS);
+    let w = Wharf::with_config_listen(
+        &format!("[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ninsecure = true\n", reg.url()),
+        None,
+        "0.0.0.0:0",
+    );
+    let port = w.addr.port();
+    let accept = "application/vnd.oci.image.index.v1+json";
+    let post = |host: &str, query: &str| {
+        let url = format!("http://{host}:{port}/_wharf/prefetch/demo/app/manifests/1.0{query}");
+        let local = host.parse::<std::net::IpAddr>().expect("address");
+        async move {
+            let c = reqwest::Client::builder().local_address(local).build().expect("client");
+            c.post(url).header("accept", accept).send().await.expect("request")
+        }
+    };
+    // From another address: a prefetch, as a pull would be, but no pin.
+    let r = post(REMOTE_TEST_ADDR, "?pin=1").await;
+    assert_eq!(r.status(), 403);
+    let v: serde_json::Value = r.json().await.expect("OCI error");
+    assert_eq!(v["errors"][0]["code"], "DENIED");
+    assert_eq!(post(REMOTE_TEST_ADDR, "").await.status(), 200);
+    assert!(!w.data.join("wharf/pins").exists(), "nothing pinned");
+    // From this host: pinned.
+    assert_eq!(post("127.0.0.1", "?pin=1").await.status(), 200);
+    let pins = std::fs::read_to_string(w.data.join("wharf/pins")).expect("pins");
+    assert_eq!(pins.trim(), "docker.io/demo/app:1.0");
+}

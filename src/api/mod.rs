@@ -191,11 +191,12 @@ struct Ctx<'a> {
     query: &'a Query,
     headers: &'a HeaderMap,
     head: bool,
-    /// Used only to tie a client's digest GETs to the tag it resolved; never a label.
+    /// Used to tie a client's digest GETs to the tag it resolved (never a label), and to
+    /// tell a local client.
     client: IpAddr,
     /// Set on plain-TCP HTTP/1 connections, which can send stored blobs by `sendfile`.
     zerocopy: Option<&'a Arc<Regions>>,
-    /// A POST (only `/_wharf/gc` takes one).
+    /// A POST (`/_wharf/gc` and `/_wharf/prefetch` take one).
     post: bool,
     identity: Identity,
 }
@@ -555,6 +556,13 @@ async fn prefetch(
             m.prefetch_manifests.with_label_values(&[&up.name, result]).inc();
             let served = served?;
             if let (true, Reference::Tag(t)) = (req.query.pin, &reference) {
+                // A pin outlives eviction, so an anonymous remote client could fill the
+                // disk with it: pinning takes a signed-in user or a client on this host.
+                if !matches!(req.identity, Identity::User(_)) && !req.client.to_canonical().is_loopback() {
+                    return Err(ApiError::Denied(
+                        "pinning needs a signed-in user or a client on the mirror's own host".into(),
+                    ));
+                }
                 let (store, key, t) = (state.store().clone(), RepoKey::new(&up.name, name), t.clone());
                 tokio::task::spawn_blocking(move || store.pin(&key, &t))
                     .await
