@@ -98,3 +98,14 @@ http:
 YML
   [[ -z ${3:-} ]] || printf 'proxy:\n  remoteurl: %s\n' "$3"
 }
+
+# image NAME SEED SIZES [extra mkimage args]: a seeded image under $WORK/images, built once
+# and kept between runs, with its summary as NAME.json.
+image() {
+  local name=$1 seed=$2 sizes=$3
+  shift 3
+  [[ -s $WORK/images/$name.json ]] && return
+  say "generating image $name ($sizes)"
+  rm -rf "$WORK/images/$name"
+  python3 "$BENCH_ROOT/mkimage.py" --out "$WORK/images/$name" --seed "$seed" --sizes "$sizes" "$@" >"$WORK/images/$name.json"
+}

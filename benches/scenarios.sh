@@ -55,15 +55,6 @@ RESULTS=$RUN/results.tsv
 rep=0
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$rep" "$3" >>"$RESULTS"; }
 
-# image NAME SEED SIZES [extra mkimage args]: build once, keep the summary as NAME.json.
-image() {
-  local name=$1 seed=$2 sizes=$3
-  shift 3
-  [[ -s $WORK/images/$name.json ]] && return
-  say "generating image $name ($sizes)"
-  rm -rf "$WORK/images/$name"
-  python3 "$BENCH_ROOT/mkimage.py" --out "$WORK/images/$name" --seed "$seed" --sizes "$sizes" "$@" >"$WORK/images/$name.json"
-}
 image app-1 app-1 4K,64K,1M,4M,16M,32M
 image app-2 app-2 4K,64K,1M,4M,16M,32M
 image base base 4K,2M

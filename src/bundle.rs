@@ -20,7 +20,10 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::oci::{is_index, platform_string, references, stored_media_type, Digest, Hasher, Platform, Tag};
+use crate::oci::{
+    is_attestation, is_index, platform_string, references, split_reference, stored_media_type, Digest,
+    Hasher, Platform, Tag,
+};
 use crate::store::{now_ms, RepoKey, Store, StoreError, StoredManifest};
 
 /// The annotation naming the cache repository (`<upstream>/<name>`) of an entry.
@@ -54,13 +57,6 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BundleError {
 
 fn refused(msg: impl Into<String>) -> BundleError {
     BundleError::Refused(msg.into())
-}
-
-/// Whether an index entry is a buildx attestation manifest rather than a platform image.
-fn is_attestation(entry: &Value) -> bool {
-    entry.pointer("/platform/os").and_then(Value::as_str) == Some("unknown")
-        || entry.pointer("/annotations/vnd.docker.reference.type").and_then(Value::as_str)
-            == Some("attestation-manifest")
 }
 
 /// One image to export: a cache repository, the tag it was asked by (if any) and its digest.
@@ -123,16 +119,6 @@ struct Planned {
     image: ExportedImage,
 }
 
-/// Whether every blob an image manifest names is stored.
-fn whole(store: &Store, manifest: &[u8]) -> Result<Option<Digest>, StoreError> {
-    for b in references(manifest).1 {
-        if store.blob_size(&b)?.is_none() {
-            return Ok(Some(b));
-        }
-    }
-    Ok(None)
-}
-
 /// The config and layers of an image manifest that `docker load` can read (not an
 /// artifact: its config is an image config).
 fn docker_parts(m: &StoredManifest) -> Option<(Digest, Vec<Digest>)> {
@@ -180,7 +166,7 @@ fn plan(store: &Store, sel: &Selection, opts: &ExportOptions) -> Result<Planned,
             let child = store.manifest(&sel.key, &d)?;
             let missing = match &child {
                 None => Some(format!("manifest {d}")),
-                Some(c) => whole(store, &c.bytes)?.map(|b| format!("blob {b}")),
+                Some(c) => store.missing_blob(&c.bytes)?.map(|b| format!("blob {b}")),
             };
             match (child, missing) {
                 (Some(c), None) => {
@@ -212,14 +198,14 @@ fn plan(store: &Store, sel: &Selection, opts: &ExportOptions) -> Result<Planned,
                 continue;
             }
             if let Some(c) = store.manifest(&sel.key, &d)? {
-                if whole(store, &c.bytes)?.is_none() {
+                if store.missing_blob(&c.bytes)?.is_none() {
                     blobs.extend(references(&c.bytes).1);
                     manifests.push((d, c));
                 }
             }
         }
     } else {
-        if let Some(b) = whole(store, &top.bytes)? {
+        if let Some(b) = store.missing_blob(&top.bytes)? {
             return Err(BundleError::Export(format!(
                 "{reference}: blob {b} is not in the cache; prefetch it first"
             )));
@@ -232,7 +218,7 @@ fn plan(store: &Store, sel: &Selection, opts: &ExportOptions) -> Result<Planned,
     for r in store.local_referrers(&sel.key, &sel.digest)? {
         let Some(d) = r["digest"].as_str().and_then(Digest::parse) else { continue };
         if let Some(m) = store.manifest(&sel.key, &d)? {
-            if whole(store, &m.bytes)?.is_none() {
+            if store.missing_blob(&m.bytes)?.is_none() {
                 blobs.extend(references(&m.bytes).1);
                 manifests.push((d, m));
             }
@@ -667,17 +653,6 @@ fn check_graph(
     Ok(Filing { key, tag, digest: d, reference, manifests })
 }
 
-/// `<name>:<tag>` or `<name>@<digest>` → (name, tag or digest).
-fn split_reference(s: &str) -> (&str, Option<&str>) {
-    if let Some((n, d)) = s.split_once('@') {
-        return (n, Some(d));
-    }
-    match s.rfind(':') {
-        Some(i) if !s[i + 1..].contains('/') => (&s[..i], Some(&s[i + 1..])),
-        _ => (s, None),
-    }
-}
-
 /// Reads a bundle (a tar, or an OCI layout directory), checks all of it, then files it in
 /// the cache. `upstream_known` says whether this wharf has an upstream of that name.
 pub fn import(
@@ -846,15 +821,5 @@ mod tests {
         let hex = "a".repeat(64);
         assert!(blob_digest(Path::new(&format!("blobs/sha256/{hex}"))).is_some());
         assert!(blob_digest(Path::new("blobs/sha256/zz")).is_none());
-    }
-
-    #[test]
-    fn references_split_into_name_and_tag_or_digest() {
-        assert_eq!(
-            split_reference("docker.io/library/alpine:3.20"),
-            ("docker.io/library/alpine", Some("3.20"))
-        );
-        assert_eq!(split_reference("localhost:5000/app"), ("localhost:5000/app", None));
-        assert_eq!(split_reference("r.test/app@sha256:ab"), ("r.test/app", Some("sha256:ab")));
     }
 }

@@ -315,13 +315,7 @@ fn open_alone(config: Config, what: &str) -> Result<AppState, Box<dyn std::error
 
 /// An image as users write it, resolved as a pull is: its repository, tag and digest.
 fn select(state: &AppState, image: &str) -> Result<wharf::bundle::Selection, Box<dyn std::error::Error>> {
-    let (name, reference) = match image.split_once('@') {
-        Some((n, d)) => (n, Some(d)),
-        None => match image.rfind(':') {
-            Some(i) if !image[i + 1..].contains('/') => (&image[..i], Some(&image[i + 1..])),
-            _ => (image, None),
-        },
-    };
+    let (name, reference) = wharf::oci::split_reference(image);
     let repo = RepoName::parse(name).ok_or_else(|| format!("{image}: invalid repository name {name:?}"))?;
     let key = state.repo_key(&repo).map_err(|e| format!("{image}: {e}"))?;
     if let Some(d) = reference.and_then(wharf::oci::Digest::parse) {

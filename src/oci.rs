@@ -435,20 +435,35 @@ pub fn platform_string(p: &serde_json::Value) -> String {
     s
 }
 
-/// The children of an index that are images for a platform: not buildx attestation
-/// manifests (platform `unknown/unknown`, or annotated as attestations).
+/// Whether an index entry is a buildx attestation manifest (platform `unknown/unknown`,
+/// or annotated as one) rather than an image for a platform.
+pub fn is_attestation(entry: &serde_json::Value) -> bool {
+    entry.pointer("/platform/os").and_then(|o| o.as_str()) == Some("unknown")
+        || entry.pointer("/annotations/vnd.docker.reference.type").and_then(|a| a.as_str())
+            == Some("attestation-manifest")
+}
+
+/// The children of an index that are images for a platform, not attestations.
 pub fn platform_children(index: &[u8]) -> Vec<Digest> {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(index) else { return Vec::new() };
     let Some(list) = v.get("manifests").and_then(|m| m.as_array()) else { return Vec::new() };
     list.iter()
-        .filter(|m| {
-            let unknown = m.pointer("/platform/os").and_then(|o| o.as_str()) == Some("unknown");
-            let attestation = m.pointer("/annotations/vnd.docker.reference.type").and_then(|a| a.as_str())
-                == Some("attestation-manifest");
-            !unknown && !attestation
-        })
+        .filter(|m| !is_attestation(m))
         .filter_map(|m| Digest::parse(m.get("digest")?.as_str()?))
         .collect()
+}
+
+/// An image reference as users write it split into the name and what follows it:
+/// `<name>:<tag>` or `<name>@<digest>` → (name, tag or digest); neither → (name, None).
+/// A `:` followed by a `/` belongs to a host's port, not a tag.
+pub fn split_reference(s: &str) -> (&str, Option<&str>) {
+    if let Some((n, d)) = s.split_once('@') {
+        return (n, Some(d));
+    }
+    match s.rfind(':') {
+        Some(i) if !s[i + 1..].contains('/') => (&s[..i], Some(&s[i + 1..])),
+        _ => (s, None),
+    }
 }
 
 /// The child of an index that serves clients which cannot read indexes: linux/amd64,
@@ -470,6 +485,16 @@ pub fn default_platform_child(index: &[u8]) -> Option<Digest> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn references_split_into_name_and_tag_or_digest() {
+        assert_eq!(
+            split_reference("docker.io/library/alpine:3.20"),
+            ("docker.io/library/alpine", Some("3.20"))
+        );
+        assert_eq!(split_reference("localhost:5000/app"), ("localhost:5000/app", None));
+        assert_eq!(split_reference("r.test/app@sha256:ab"), ("r.test/app", Some("sha256:ab")));
+    }
 
     #[test]
     fn platforms_parse_and_match() {

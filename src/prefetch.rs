@@ -11,7 +11,7 @@ use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::oci::{platform_string, Digest, Platform, RepoName};
+use crate::oci::{is_attestation, platform_string, split_reference, Digest, Platform, RepoName};
 
 const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.docker.distribution.manifest.list.v2+json, \
@@ -86,15 +86,9 @@ pub trait Progress: Send + Sync {
 
 /// An image reference split as a pull path needs it: the name and the tag or digest.
 pub fn split(image: &str) -> Result<(RepoName, String), String> {
-    let (name, reference) = match image.split_once('@') {
-        Some((n, d)) => (n, d.to_owned()),
-        None => match image.rfind(':') {
-            Some(i) if !image[i + 1..].contains('/') => (&image[..i], image[i + 1..].to_owned()),
-            _ => (image, "latest".to_owned()),
-        },
-    };
+    let (name, reference) = split_reference(image);
     let repo = RepoName::parse(name).ok_or_else(|| format!("invalid repository name {name:?}"))?;
-    Ok((repo, reference))
+    Ok((repo, reference.unwrap_or("latest").to_owned()))
 }
 
 /// How the client proves who it is to a wharf that protects its admin surface.
@@ -237,10 +231,7 @@ async fn walk(
         let entries = v["manifests"].as_array().cloned().unwrap_or_default();
         let mut chosen = Vec::new();
         for e in &entries {
-            let attestation = e.pointer("/platform/os").and_then(Value::as_str) == Some("unknown")
-                || e.pointer("/annotations/vnd.docker.reference.type").and_then(Value::as_str)
-                    == Some("attestation-manifest");
-            if attestation {
+            if is_attestation(e) {
                 continue;
             }
             if !t.platforms.is_empty() && !t.platforms.iter().any(|p| p.matches(&e["platform"])) {

@@ -19,7 +19,7 @@ pub use referrers::{Referrers, ReferrersSource};
 
 use crate::config::CacheConfig;
 use crate::metrics::Metrics;
-use crate::oci::{is_index, platform_children, references, stored_media_type, Digest, RepoName, Tag};
+use crate::oci::{is_index, platform_children, stored_media_type, Digest, RepoName, Tag};
 use crate::store::{now_ms, BlobRead, RepoKey, Store, StoreError, StoredManifest};
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -350,25 +350,16 @@ impl Cache {
     /// one of its platform images whole.
     fn servable(&self, key: &RepoKey, m: &StoredManifest) -> Result<bool, CacheError> {
         if !is_index(&m.media_type) {
-            return self.whole(&m.bytes);
+            return Ok(self.store.missing_blob(&m.bytes)?.is_none());
         }
         for child in platform_children(&m.bytes) {
             if let Some(c) = self.store.manifest(key, &child)? {
-                if !is_index(&c.media_type) && self.whole(&c.bytes)? {
+                if !is_index(&c.media_type) && self.store.missing_blob(&c.bytes)?.is_none() {
                     return Ok(true);
                 }
             }
         }
         Ok(false)
-    }
-
-    fn whole(&self, manifest: &[u8]) -> Result<bool, CacheError> {
-        for b in references(manifest).1 {
-            if self.store.blob_size(&b)?.is_none() {
-                return Ok(false);
-            }
-        }
-        Ok(true)
     }
 
     /// One upstream HEAD for the tag; fetches the manifest when the digest is new to us. A

@@ -589,6 +589,17 @@ impl Store {
         Ok(())
     }
 
+    /// The first blob (config, layer) a manifest names that is not stored; `None` when the
+    /// image is whole.
+    pub fn missing_blob(&self, manifest: &[u8]) -> Result<Option<Digest>, StoreError> {
+        for b in crate::oci::references(manifest).1 {
+            if self.blob_size(&b)?.is_none() {
+                return Ok(Some(b));
+            }
+        }
+        Ok(None)
+    }
+
     /// Tags pinned by `prefetch --pin`, as `<repo>:<tag>`.
     pub fn pins(&self) -> Result<HashSet<String>, StoreError> {
         match fs::read_to_string(&self.pins_path) {
