@@ -27,6 +27,7 @@ const CONFIG_KEYS: &[&str] = &[
     "server",
     "auth",
     "offline",
+    "storage",
 ];
 
 /// Everything wharf reads at start-up.
@@ -65,6 +66,113 @@ pub struct Config {
     /// Image lists `wharf prefetch` fetches (and the server again every `refresh`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prefetch: Vec<crate::prefetch::PrefetchConfig>,
+    /// Where blob bytes and repository links live: the data dir, or a shared bucket.
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// Which store holds the cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// The data dir alone.
+    #[default]
+    Filesystem,
+    /// An S3-compatible bucket shared by every replica, the data dir a bounded local tier.
+    S3,
+}
+
+/// `[storage]`: with `backend = "s3"`, several replicas share one bucket.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    /// The S3 endpoint (`https://s3.eu-west-1.amazonaws.com`, `http://seaweedfs:8333`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<Url>,
+    pub bucket: String,
+    pub region: String,
+    /// Key prefix inside the bucket; distribution's `rootdirectory`.
+    pub prefix: String,
+    /// `https://endpoint/bucket/key` instead of `https://bucket.endpoint/key`.
+    pub path_style: bool,
+    /// Access key; `AWS_ACCESS_KEY_ID` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key: Option<Secret>,
+    /// File holding the secret key (a mounted Secret); `AWS_SECRET_ACCESS_KEY` when
+    /// neither is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Skips certificate checks (and allows `http://`).
+    pub insecure: bool,
+    /// Extra CA certificates (PEM) to trust for the endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Blob GETs answer 307 to a presigned URL of the object, so the store serves the bytes.
+    pub redirect: bool,
+    /// How long a presigned URL is valid.
+    #[serde(with = "humantime_serde")]
+    pub redirect_ttl: Duration,
+    /// Bytes of blobs this replica keeps on its own disk, to serve them without the store
+    /// (and with sendfile); 0 keeps none.
+    pub local_max_size: ByteSize,
+    /// A replica's claim on a download, in the bucket, lapses this long after its holder
+    /// last renewed it (a killed replica's claim is taken over after this).
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Longest a replica waits for another one's download before fetching itself.
+    #[serde(with = "humantime_serde")]
+    pub lease_wait: Duration,
+    /// How often a replica reads tags, links and blobs other replicas wrote into its index.
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
+    /// Timeout of one request to the store.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: StorageBackend::Filesystem,
+            endpoint: None,
+            bucket: String::new(),
+            region: "us-east-1".into(),
+            prefix: String::new(),
+            path_style: true,
+            access_key_id: None,
+            secret_access_key: None,
+            secret_access_key_file: None,
+            insecure: false,
+            ca_file: None,
+            redirect: false,
+            redirect_ttl: Duration::from_secs(300),
+            local_max_size: ByteSize(10 << 30),
+            lease_ttl: Duration::from_secs(30),
+            lease_wait: Duration::from_secs(600),
+            sync_interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The secret key: `secret_access_key`, the file, or `AWS_SECRET_ACCESS_KEY`.
+    pub fn resolved_secret(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(s) = &self.secret_access_key {
+            return Ok(Some(s.clone()));
+        }
+        match &self.secret_access_key_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|s| Some(Secret(s.trim_end_matches(['\n', '\r']).to_owned())))
+                .map_err(|e| {
+                    ConfigError::Invalid(format!("storage.secret_access_key_file {}: {e}", path.display()))
+                }),
+            None => Ok(std::env::var("AWS_SECRET_ACCESS_KEY").ok().map(Secret)),
+        }
+    }
 }
 
 /// What one client, or all of them together, may hold of the server.
@@ -456,6 +564,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             offline: false,
             prefetch: Vec::new(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -611,6 +720,42 @@ impl Config {
             }
         }
         crate::prefetch::configured(&self.prefetch, false).map_err(ConfigError::Invalid)?;
+        let st = &self.storage;
+        if st.backend == StorageBackend::S3 {
+            let endpoint_ok = st.endpoint.as_ref().is_none_or(|u| match u.scheme() {
+                "https" => true,
+                "http" => st.insecure,
+                _ => false,
+            });
+            if !endpoint_ok {
+                return Err(ConfigError::Invalid(
+                    "storage.endpoint: an https:// URL (http:// only with storage.insecure = true)".into(),
+                ));
+            }
+            if st.bucket.is_empty() {
+                return Err(ConfigError::Invalid("storage.bucket: required with backend = \"s3\"".into()));
+            }
+            if st.prefix.split('/').any(|c| c == ".." || c == ".") || st.prefix.starts_with('/') {
+                return Err(ConfigError::Invalid(format!(
+                    "storage.prefix {:?}: a relative key prefix",
+                    st.prefix
+                )));
+            }
+            for (key, d) in [
+                ("redirect_ttl", st.redirect_ttl),
+                ("lease_ttl", st.lease_ttl),
+                ("sync_interval", st.sync_interval),
+                ("timeout", st.timeout),
+            ] {
+                if d.is_zero() {
+                    return Err(ConfigError::Invalid(format!("storage.{key}: must be more than 0")));
+                }
+            }
+            if st.redirect_ttl > Duration::from_secs(7 * 24 * 3600) {
+                return Err(ConfigError::Invalid("storage.redirect_ttl: at most 7 days (S3's limit)".into()));
+            }
+            st.resolved_secret()?;
+        }
         let c = &self.cache;
         if !(c.low_watermark > 0.0 && c.low_watermark <= 1.0) {
             return Err(ConfigError::Invalid(format!(

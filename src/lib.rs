@@ -85,7 +85,7 @@ impl AppState {
     pub fn open(config: Config) -> Result<AppState, Error> {
         config.validate()?;
         let metrics = Arc::new(Metrics::new());
-        let store = Arc::new(Store::open(&config.data_dir)?);
+        let store = Arc::new(Store::open_with(&config.data_dir, &config.storage)?);
         let upstreams = config
             .upstreams
             .iter()
@@ -97,7 +97,13 @@ impl AppState {
         Ok(AppState {
             analytics,
             auth,
-            cache: Arc::new(Cache::new(store, metrics.clone(), &config.effective_cache(), &config.server)),
+            cache: Arc::new(Cache::new(
+                store,
+                metrics.clone(),
+                &config.effective_cache(),
+                &config.server,
+                &config.storage,
+            )),
             config: Arc::new(config),
             metrics,
             upstreams: Arc::new(upstreams),

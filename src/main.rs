@@ -646,7 +646,7 @@ fn import(config: Config, bundle_path: &Path, json: bool) -> Res {
 
 fn reindex(config: &Config) -> Res {
     let path: &Path = &config.data_dir;
-    let store = Store::open(path)?;
+    let store = Store::open_with(path, &config.storage)?;
     let stats = store.reindex()?;
     store.close()?;
     println!("{}", serde_json::to_string(&stats)?);
@@ -738,7 +738,7 @@ fn redact(v: &mut serde_json::Value) {
 }
 
 fn dump_index(config: &Config) -> Res {
-    let store = Store::open(&config.data_dir)?;
+    let store = Store::open_with(&config.data_dir, &config.storage)?;
     let dump = store.dump()?;
     store.close()?;
     println!("{}", serde_json::to_string_pretty(&dump)?);

@@ -56,6 +56,11 @@ pub struct Metrics {
     pub digest_mismatch: IntCounterVec,
     /// Requests that joined an upstream fetch or revalidation already in flight.
     pub coalesced: IntCounter,
+    /// Downloads that found another replica fetching the blob and waited for it.
+    pub replica_waits: IntCounter,
+    /// Downloads filled from the shared bucket (another replica's fetch) instead of the
+    /// upstream.
+    pub replica_fills: IntCounter,
     /// Blob downloads from upstreams in progress.
     pub inflight_downloads: IntGauge,
     /// Manifests served but not yet stored (their writes run off the response path).
@@ -261,6 +266,14 @@ impl Metrics {
             coalesced: r.counter(
                 "wharf_coalesced_requests_total",
                 "Requests that joined an upstream fetch or revalidation in flight",
+            ),
+            replica_waits: r.counter(
+                "wharf_replica_waits_total",
+                "Blob downloads that waited for another replica fetching the same blob",
+            ),
+            replica_fills: r.counter(
+                "wharf_replica_fills_total",
+                "Blob downloads filled from the shared bucket instead of the upstream",
             ),
             inflight_downloads: r
                 .gauge("wharf_inflight_downloads", "Blob downloads from upstreams in progress"),

@@ -127,6 +127,7 @@ impl ApiError {
                 ApiError::BadGateway(e.to_string())
             }
             e @ CacheError::Busy(_) => ApiError::Busy(e.to_string()),
+            CacheError::Store(e) if e.is_unavailable() => ApiError::Unavailable(e.to_string()),
             e @ (CacheError::Store(_) | CacheError::Internal(_)) => ApiError::Internal(e.to_string()),
         }
     }

@@ -585,7 +585,9 @@ async fn prefetch(
                 }
             };
             let size = match &answer.body {
-                BlobBody::File { size, .. } | BlobBody::Stream { size, .. } => Some(*size),
+                BlobBody::File { size, .. }
+                | BlobBody::Stream { size, .. }
+                | BlobBody::Redirect { size, .. } => Some(*size),
                 BlobBody::Filling { size, .. } => *size,
                 BlobBody::Bytes(b) => Some(b.len() as u64),
             };
@@ -747,6 +749,18 @@ async fn blob_get(
             });
             let mut r = Response::new(body::stream(counted));
             blob_headers(r.headers_mut(), d, Some(size));
+            Ok(r)
+        }
+        BlobBody::Redirect { url, .. } => {
+            // The bucket serves the bytes; the URL is valid for `storage.redirect_ttl`.
+            let mut r = Response::new(body::empty());
+            *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            let loc = HeaderValue::from_str(&url).map_err(|e| ApiError::Internal(e.to_string()))?;
+            r.headers_mut().insert(header::LOCATION, loc);
+            r.headers_mut().insert(
+                "docker-content-digest",
+                HeaderValue::from_str(&d.to_string()).map_err(|e| ApiError::Internal(e.to_string()))?,
+            );
             Ok(r)
         }
         BlobBody::Filling { fill, size } => {

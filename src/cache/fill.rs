@@ -307,6 +307,7 @@ impl Cache {
             _slot: permit,
             spooled: Spooled { limits: self.limits.clone(), bytes: 0 },
             finished: false,
+            shared_lease: None,
         };
         tokio::spawn(job.run(file));
         Ok(Joined::Fill(fill, false))
@@ -333,7 +334,13 @@ struct FillJob {
     spooled: Spooled,
     /// Set when `run` reached its end and published the result.
     finished: bool,
+    /// This replica's claim on the download in a bucket shared by replicas, held until
+    /// the blob is stored there.
+    shared_lease: Option<crate::store::SharedLease>,
 }
+
+/// A blob body on its way into the spool.
+type BodyStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = io::Result<Bytes>> + Send>>;
 
 impl FillJob {
     async fn run(mut self, file: File) {
@@ -464,9 +471,73 @@ impl Drop for Spooled {
 }
 
 impl FillJob {
-    async fn download(&mut self, file: File) -> Result<u64, CacheError> {
+    /// Where the bytes come from: the upstream, or (with a bucket shared by replicas) the
+    /// bucket, once the replica that claimed the download has put the blob there. A claim
+    /// that lapses (its holder died) or a wait past `storage.lease_wait` fetches here.
+    async fn source(&mut self) -> Result<(Option<u64>, BodyStream), CacheError> {
+        let store = self.cache.store.clone();
+        let deadline = tokio::time::Instant::now() + self.cache.lease_wait;
+        let mut waited = false;
+        loop {
+            let (s, d) = (store.clone(), self.digest.clone());
+            let claim = super::blocking(move || s.claim_download(&d)).await?;
+            match claim {
+                crate::store::Claim::Mine(lease) => {
+                    self.shared_lease = lease;
+                    // The claimant may have finished between our looks.
+                    if waited {
+                        if let Some(src) = self.bucket_source().await? {
+                            return Ok(src);
+                        }
+                    }
+                    break;
+                }
+                crate::store::Claim::Elsewhere => {
+                    if !waited {
+                        self.cache.metrics.replica_waits.inc();
+                        waited = true;
+                    }
+                    if let Some(src) = self.bucket_source().await? {
+                        return Ok(src);
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::warn!(digest = %self.digest, "waited storage.lease_wait for another replica's download; fetching it here");
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
         let resp = self.up.get_blob(&self.repo, &self.digest).await?;
         let size = resp.content_length();
+        let body = resp
+            .bytes_stream()
+            .map(|r| r.map_err(|e| io::Error::other(format!("blob body cut: {}", error_chain(&e)))));
+        Ok((size, Box::pin(body)))
+    }
+
+    /// The blob from the shared bucket, when another replica has stored it.
+    async fn bucket_source(&self) -> Result<Option<(Option<u64>, BodyStream)>, CacheError> {
+        let (s, d) = (self.cache.store.clone(), self.digest.clone());
+        match super::blocking(move || s.shared_blob(&d)).await? {
+            Some(crate::store::BlobRead::Stream { body, size }) => {
+                self.cache.metrics.replica_fills.inc();
+                Ok(Some((Some(size), body)))
+            }
+            Some(crate::store::BlobRead::File { file, size }) => {
+                let body = futures_util::stream::once(async move {
+                    tokio::task::spawn_blocking(move || read_at(&file, 0, size as usize))
+                        .await
+                        .map_err(io::Error::other)?
+                });
+                Ok(Some((Some(size), Box::pin(body))))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn download(&mut self, file: File) -> Result<u64, CacheError> {
+        let (size, mut stream) = self.source().await?;
         if let Some(n) = size {
             self.spooled.reserve(n).await?;
         }
@@ -478,18 +549,13 @@ impl FillJob {
             }
         }
         self.tx.send_replace(FillState::Streaming { size, written: 0 });
-        let mut stream = resp.bytes_stream();
         let mut written = 0u64;
         let mut sink = Some((file, self.digest.hasher()));
         loop {
             let first = match stream.next().await {
                 None => break,
                 Some(Ok(c)) => c,
-                Some(Err(e)) => {
-                    return Err(
-                        UpstreamError::Unavailable(format!("blob body cut: {}", error_chain(&e))).into()
-                    )
-                }
+                Some(Err(e)) => return Err(UpstreamError::Unavailable(e.to_string()).into()),
             };
             // Batch what has already arrived into one blocking write, without copying it.
             let mut n = first.len();
@@ -500,11 +566,7 @@ impl FillJob {
                         n += c.len();
                         batch.push(c);
                     }
-                    Some(Some(Err(e))) => {
-                        return Err(
-                            UpstreamError::Unavailable(format!("blob body cut: {}", error_chain(&e))).into()
-                        )
-                    }
+                    Some(Some(Err(e))) => return Err(UpstreamError::Unavailable(e.to_string()).into()),
                     Some(None) | None => break,
                 }
             }

@@ -159,6 +159,9 @@ pub struct GcReport {
     pub cache_bytes_before: u64,
     pub cache_bytes_after: u64,
     pub limit_bytes: u64,
+    /// Why nothing was done (another replica holds the shared bucket's collection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 impl GcReport {
@@ -278,6 +281,10 @@ impl Cache {
             }
             Err(std::sync::TryLockError::WouldBlock) => self.pass.lock().unwrap_or_else(|p| p.into_inner()),
         };
+        // With a bucket shared by replicas, one of them evicts at a time.
+        let Some(_job) = self.store.claim_job("gc")? else {
+            return self.fits(incoming, before_download);
+        };
         self.evict_locked(incoming, report, before_download)
     }
 
@@ -382,6 +389,13 @@ impl Cache {
         };
         {
             let _pass = self.pass.lock().unwrap_or_else(|p| p.into_inner());
+            // With a bucket shared by replicas, one of them collects at a time, knowing
+            // what all of them stored.
+            let Some(_job) = self.store.claim_job("gc")? else {
+                report.skipped = Some("another replica is collecting the shared bucket".into());
+                return Ok(report);
+            };
+            self.store.sync()?;
             self.store.flush_access()?;
             let too_young = now_ms().saturating_sub(self.policy.min_age.as_millis() as u64);
             let entries = self.store.blob_entries()?;

@@ -121,6 +121,8 @@ pub enum BlobBody {
     },
     /// A download in flight: streamed to the client as it arrives.
     Filling { fill: Arc<Fill>, size: Option<u64> },
+    /// In the shared bucket, served by it: a presigned URL to redirect the client to.
+    Redirect { url: String, size: u64 },
 }
 
 /// A blob GET, answered.
@@ -196,6 +198,8 @@ pub struct Cache {
     reserved: std::sync::atomic::AtomicU64,
     /// Download slots and the spool-byte budget.
     limits: Arc<fill::Limits>,
+    /// Longest a download waits for another replica's (`storage.lease_wait`).
+    lease_wait: std::time::Duration,
 }
 
 /// One manifest write counted in `wharf_inflight_manifest_writes` (which shutdown waits
@@ -231,6 +235,7 @@ impl Cache {
         metrics: Arc<Metrics>,
         config: &CacheConfig,
         server: &crate::config::ServerConfig,
+        storage: &crate::config::StorageConfig,
     ) -> Cache {
         metrics.cache_limit.set(config.max_size.0 as i64);
         Cache {
@@ -245,6 +250,7 @@ impl Cache {
             leases: Arc::default(),
             pass: Mutex::new(()),
             reserved: std::sync::atomic::AtomicU64::new(0),
+            lease_wait: storage.lease_wait,
         }
     }
 
@@ -529,6 +535,11 @@ impl Cache {
     }
 
     fn cached_blob(&self, key: &RepoKey, d: &Digest) -> Result<Option<BlobBody>, CacheError> {
+        if let Some((url, size)) = self.store.blob_redirect(d)? {
+            self.store.link_layer(key, d)?;
+            self.store.touch(d);
+            return Ok(Some(BlobBody::Redirect { url, size }));
+        }
         if let Some(bytes) = self.store.small_blob(d) {
             self.store.link_layer(key, d)?;
             self.store.touch(d);

@@ -167,6 +167,7 @@ pub async fn serve_with_admin(
     });
     let graceful = GracefulShutdown::new();
     let flusher = tokio::spawn(flush_access_periodically(state.clone()));
+    let syncer = state.store().is_shared().then(|| tokio::spawn(sync_shared_periodically(state.clone())));
     let limits = state.config.server.clone();
     let builders = Arc::new(Builders::new(&limits));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -230,6 +231,9 @@ pub async fn serve_with_admin(
     drop(listener);
     let _ = stop_tx.send(true);
     flusher.abort();
+    if let Some(s) = syncer {
+        s.abort();
+    }
     hangup.abort();
     if let Some(a) = admin {
         a.abort();
@@ -770,6 +774,22 @@ async fn flush_access_periodically(state: AppState) {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cache collection failed"),
             }
+        }
+    }
+}
+
+/// With a bucket shared by replicas: what the others stored (tags, links, blobs) is read
+/// into this replica's index every `storage.sync_interval`.
+async fn sync_shared_periodically(state: AppState) {
+    let mut tick = tokio::time::interval(state.config.storage.sync_interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let store = state.store().clone();
+        match tokio::task::spawn_blocking(move || store.sync()).await {
+            Ok(Ok(stats)) => tracing::debug!(?stats, "index synced with the shared bucket"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "syncing with the shared bucket failed"),
+            Err(e) => tracing::warn!(error = %e, "sync task failed"),
         }
     }
 }

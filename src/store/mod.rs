@@ -6,6 +6,7 @@
 mod backend;
 mod counters;
 mod index;
+mod s3;
 mod tree;
 
 use std::collections::{HashMap, HashSet};
@@ -23,6 +24,7 @@ pub use backend::{BlobBackend, BlobRead, Listed, Spool};
 use counters::Counters;
 use index::{history_key, Index};
 pub use index::{BlobMeta, ReferrersMeta, Seen, TagMeta};
+pub use s3::Lease as SharedLease;
 use tree::Tree;
 
 use crate::oci::{manifest_media_type, Digest, RepoName, Tag};
@@ -58,6 +60,25 @@ pub enum StoreError {
     Index(#[from] sled::Error),
     #[error("data dir {0} is in use by another wharf process")]
     Locked(PathBuf),
+}
+
+impl StoreError {
+    /// Whether the shared object store could not be reached (or failed): a transient
+    /// condition, answered with 503 rather than as wharf's own fault.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Io(e) => e.to_string().starts_with(s3::UNAVAILABLE),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a replica may fetch a blob from its upstream now.
+pub enum Claim {
+    /// Yes; the lease (with a shared store) keeps other replicas waiting until dropped.
+    Mine(Option<SharedLease>),
+    /// Another replica is fetching it.
+    Elsewhere,
 }
 
 /// A manifest as stored: the exact bytes and the media type to serve them with.
@@ -172,9 +193,17 @@ pub struct Store {
     /// derivable from the tree, so not in the index; the lock orders writers.
     pins_path: PathBuf,
     pins_lock: Mutex<()>,
+    /// The bucket, when replicas share one (`storage.backend = "s3"`).
+    shared: Option<Arc<s3::Tiered>>,
+    /// When this replica last rewrote each tag's current link in the bucket, so that
+    /// its time says when the tag was last seen pointing there.
+    tag_touched: Mutex<HashMap<(RepoKey, String), u64>>,
     /// Held for the store's lifetime: one process per data dir.
     _lock: File,
 }
+
+/// How often a replica rewrites a tag's current link that has not moved.
+const TAG_TOUCH_MS: u64 = 60_000;
 
 /// Wall-clock time in unix milliseconds.
 pub fn now_ms() -> u64 {
@@ -207,6 +236,12 @@ impl Store {
     /// broken one is moved aside), or the last process did not close cleanly (a crash can
     /// leave the tree and the index one step apart). A clean open reads no entry.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(data_dir, &crate::config::StorageConfig::default())
+    }
+
+    /// [`Store::open`] with the configured backend. With a shared bucket, the link files
+    /// and the index are brought up to date with it first.
+    pub fn open_with(data_dir: &Path, storage: &crate::config::StorageConfig) -> Result<Store, StoreError> {
         let wharf_dir = data_dir.join("wharf");
         fs::create_dir_all(&wharf_dir)?;
         let lock = File::options().create(true).truncate(false).write(true).open(wharf_dir.join("lock"))?;
@@ -215,7 +250,23 @@ impl Store {
             Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Locked(data_dir.to_path_buf())),
             Err(fs::TryLockError::Error(e)) => return Err(e.into()),
         }
-        let tree = Arc::new(Tree::open(data_dir)?);
+        let mut tree = Tree::open(data_dir)?;
+        let bucket = match storage.backend {
+            crate::config::StorageBackend::Filesystem => None,
+            crate::config::StorageBackend::S3 => Some(Arc::new(s3::Bucket::open(storage)?)),
+        };
+        if let Some(b) = &bucket {
+            tree.set_mirror(b.clone());
+        }
+        let tree = Arc::new(tree);
+        let shared = match bucket {
+            Some(b) => Some(Arc::new(s3::Tiered::new(b, tree.clone(), storage.local_max_size.0)?)),
+            None => None,
+        };
+        let blobs: Arc<dyn BlobBackend> = match &shared {
+            Some(t) => t.clone(),
+            None => tree.clone(),
+        };
         let index_path = wharf_dir.join("index");
         let index = match Index::open(&index_path) {
             Ok(i) => i,
@@ -241,7 +292,7 @@ impl Store {
             File::open(&wharf_dir)?.sync_all()?;
         }
         let store = Store {
-            blobs: tree.clone(),
+            blobs,
             tree,
             index,
             counters,
@@ -254,9 +305,15 @@ impl Store {
             clean_path,
             pins_path: wharf_dir.join("pins"),
             pins_lock: Mutex::new(()),
+            shared,
+            tag_touched: Mutex::new(HashMap::new()),
             _lock: lock,
         };
         match (store.index.is_built()?, clean) {
+            _ if store.shared.is_some() => {
+                let stats = store.sync()?;
+                tracing::info!(?stats, "index built from the shared bucket");
+            }
             (true, Some(c)) => {
                 store.blob_count.store(c.blobs, Ordering::Relaxed);
                 store.blob_bytes.store(c.bytes, Ordering::Relaxed);
@@ -626,6 +683,61 @@ impl Store {
         Ok(true)
     }
 
+    /// Whether replicas share a bucket.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Brings the local link files and the index up to date with the shared bucket (what
+    /// other replicas stored); nothing without one.
+    pub fn sync(&self) -> Result<ReindexStats, StoreError> {
+        if self.shared.is_none() {
+            return Ok(ReindexStats::default());
+        }
+        self.tree.pull_links("repositories/")?;
+        let stats = self.reindex()?;
+        lock(&self.links).clear();
+        Ok(stats)
+    }
+
+    /// Whether this replica may fetch blob `d` from its upstream now (always, without a
+    /// shared bucket).
+    pub fn claim_download(&self, d: &Digest) -> Result<Claim, StoreError> {
+        match &self.shared {
+            None => Ok(Claim::Mine(None)),
+            Some(t) => Ok(match t.bucket().claim(d)? {
+                Some(lease) => Claim::Mine(Some(lease)),
+                None => Claim::Elsewhere,
+            }),
+        }
+    }
+
+    /// The lease of a job one replica at a time runs (eviction); `Ok(None)` when another
+    /// holds it. Without a shared bucket the caller's own lock is enough.
+    pub fn claim_job(&self, name: &str) -> Result<Option<Option<SharedLease>>, StoreError> {
+        match &self.shared {
+            None => Ok(Some(None)),
+            Some(t) => Ok(t.bucket().claim_job(name)?.map(Some)),
+        }
+    }
+
+    /// Blob `d` from the shared bucket, asking it afresh (another replica's download may
+    /// have just finished); `None` when it is not there or there is no bucket.
+    pub fn shared_blob(&self, d: &Digest) -> Result<Option<BlobRead>, StoreError> {
+        let Some(t) = &self.shared else { return Ok(None) };
+        if t.in_bucket(d)?.is_none() {
+            return Ok(None);
+        }
+        Ok(t.open(d, None)?)
+    }
+
+    /// A presigned URL of blob `d` in the bucket, when redirects are on and it is there.
+    pub fn blob_redirect(&self, d: &Digest) -> Result<Option<(String, u64)>, StoreError> {
+        let Some(t) = &self.shared else { return Ok(None) };
+        let Some(size) = t.stat(d)? else { return Ok(None) };
+        Ok(t.bucket().presigned(d)?.map(|u| (u, size)))
+    }
+
     /// Whether the store can serve and cache now: the index answers a read and the data
     /// dir takes a write (a full or read-only disk, or a lost mount, says why).
     pub fn check_ready(&self) -> Result<(), StoreError> {
@@ -674,7 +786,19 @@ impl Store {
     pub fn record_tag(&self, r: &RepoKey, t: &Tag, d: &Digest, now: u64) -> Result<bool, StoreError> {
         let prev = self.index.tag(r, t)?;
         let moved = prev.as_ref().map(|p| p.digest != d.to_string()).unwrap_or(true);
-        if moved {
+        let touch = self.shared.is_some() && {
+            let mut touched = lock(&self.tag_touched);
+            let k = (r.clone(), t.as_str().to_owned());
+            let due = touched.get(&k).is_none_or(|at| now.saturating_sub(*at) >= TAG_TOUCH_MS);
+            if due || moved {
+                if touched.len() >= MAX_KNOWN_LINKS {
+                    touched.clear();
+                }
+                touched.insert(k, now);
+            }
+            due
+        };
+        if moved || touch {
             self.tree.link_tag(r, t, d)?;
         }
         self.index.record_tag(r, t, d, now)?;
@@ -721,6 +845,9 @@ impl Store {
 
     /// Every digest `t` pointed at, newest first.
     pub fn history(&self, r: &RepoKey, t: &Tag) -> Result<Vec<HistoryEntry>, StoreError> {
+        if self.shared.is_some() {
+            return self.shared_history(r, t);
+        }
         let current = self.index.tag(r, t)?.map(|m| m.digest);
         let mut out = Vec::new();
         for (d, s) in self.index.history(r, t)? {
@@ -732,6 +859,36 @@ impl Store {
                 last_seen: rfc3339(s.last_seen_ms),
                 last_seen_ms: s.last_seen_ms,
                 first_seen_ms: s.first_seen_ms,
+            });
+        }
+        out.sort_by(|a, b| b.current.cmp(&a.current).then(b.first_seen_ms.cmp(&a.first_seen_ms)));
+        Ok(out)
+    }
+
+    /// A tag's history as the bucket's links tell it, the same on every replica: each
+    /// digest was first seen when its index link was written, and last seen when the tag
+    /// moved on (the next digest's first time) or, for the current one, when a replica
+    /// last rewrote the current link.
+    fn shared_history(&self, r: &RepoKey, t: &Tag) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.tree.pull_links(&self.tree.tag_dir_rel(r, t))?;
+        let Some(links) = self.tree.tag_links(r, t)? else { return Ok(Vec::new()) };
+        let mut seen = links.seen.clone();
+        seen.sort_by_key(|(d, at)| (*at, d.to_string()));
+        let mut out = Vec::new();
+        for (i, (d, first)) in seen.iter().enumerate() {
+            let current = *d == links.current;
+            let last = match (current, seen.get(i + 1)) {
+                (true, _) | (false, None) => links.current_ms.max(*first),
+                (false, Some((_, next))) => *next,
+            };
+            out.push(HistoryEntry {
+                current,
+                pulls: self.counters.tag_pulls(&history_key(r, t, d))?,
+                digest: d.to_string(),
+                first_seen: rfc3339(*first),
+                last_seen: rfc3339(last),
+                first_seen_ms: *first,
+                last_seen_ms: last,
             });
         }
         out.sort_by(|a, b| b.current.cmp(&a.current).then(b.first_seen_ms.cmp(&a.first_seen_ms)));

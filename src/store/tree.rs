@@ -31,6 +31,17 @@ use super::RepoKey;
 
 const V2: &str = "docker/registry/v2";
 
+/// A shared copy of the link files (the s3 backend's bucket): written before the local
+/// file, read when the local one is missing. `rel` is a path under `docker/registry/v2`.
+pub trait LinkMirror: Send + Sync {
+    fn put_link(&self, rel: &str, d: &Digest) -> io::Result<()>;
+    /// The link's digest and when it was last written (unix milliseconds).
+    fn link(&self, rel: &str) -> io::Result<Option<(Digest, u64)>>;
+    fn delete_link(&self, rel: &str) -> io::Result<()>;
+    /// Every link file under `rel_prefix`, with when it was last written.
+    fn list_links(&self, rel_prefix: &str) -> io::Result<Vec<(String, u64)>>;
+}
+
 /// Paths and atomic writes in the storage tree.
 pub struct Tree {
     /// `<data_dir>/docker/registry/v2`.
@@ -39,6 +50,8 @@ pub struct Tree {
     tmp: PathBuf,
     /// Makes temp names unique within this process.
     seq: AtomicU64,
+    /// The shared copy of the links, when replicas share a bucket.
+    mirror: Option<std::sync::Arc<dyn LinkMirror>>,
 }
 
 impl Tree {
@@ -59,7 +72,75 @@ impl Tree {
             }
         }
         fs::create_dir_all(&tmp)?;
-        Ok(Tree { v2, tmp, seq: AtomicU64::new(0) })
+        Ok(Tree { v2, tmp, seq: AtomicU64::new(0), mirror: None })
+    }
+
+    /// Makes every link write go to `mirror` first, and missing links be read from it.
+    pub fn set_mirror(&mut self, mirror: std::sync::Arc<dyn LinkMirror>) {
+        self.mirror = Some(mirror);
+    }
+
+    /// `path` relative to `docker/registry/v2`, as the mirror names it.
+    fn rel(&self, path: &Path) -> Option<String> {
+        path.strip_prefix(&self.v2).ok().and_then(|p| p.to_str()).map(str::to_owned)
+    }
+
+    /// Copies the mirror's link files under `rel_prefix` (a directory under
+    /// `docker/registry/v2`) that are missing here or were written since, with the
+    /// mirror's times. Returns how many were copied.
+    pub fn pull_links(&self, rel_prefix: &str) -> io::Result<u64> {
+        let Some(m) = &self.mirror else { return Ok(0) };
+        let mut copied = 0;
+        for (rel, at) in m.list_links(rel_prefix)? {
+            // Names from the bucket become paths: only plain components.
+            if rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+                continue;
+            }
+            let path = self.v2.join(&rel);
+            let at_time = UNIX_EPOCH + std::time::Duration::from_millis(at);
+            let current = rel.ends_with("/current/link");
+            if path.exists() && (!current || mtime_ms(&path) == at) {
+                // The same link; the bucket's time is the one every replica shares.
+                if mtime_ms(&path) != at {
+                    File::options().write(true).open(&path)?.set_modified(at_time)?;
+                }
+                continue;
+            }
+            // A link under `<alg>/<hex>/link` names its digest; `current/link` must be read.
+            let comps: Vec<&str> = rel.rsplit('/').take(3).collect();
+            let d = match comps.as_slice() {
+                ["link", hex, alg] if !current => Digest::parse(&format!("{alg}:{hex}")),
+                _ => m.link(&rel)?.map(|(d, _)| d),
+            };
+            let Some(d) = d else { continue };
+            self.write_link_local(&path, &d)?;
+            File::options().write(true).open(&path)?.set_modified(at_time)?;
+            copied += 1;
+        }
+        Ok(copied)
+    }
+
+    /// The local link at `path`, copied from the mirror first when it is missing here.
+    fn has_link(&self, path: &Path) -> bool {
+        if path.exists() {
+            return true;
+        }
+        let (Some(m), Some(rel)) = (&self.mirror, self.rel(path)) else { return false };
+        match m.link(&rel) {
+            Ok(Some((d, at))) => {
+                if self.write_link_local(path, &d).is_ok() {
+                    if let Ok(f) = File::options().write(true).open(path) {
+                        let _ = f.set_modified(UNIX_EPOCH + std::time::Duration::from_millis(at));
+                    }
+                }
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, link = %rel, "reading a link from the bucket failed");
+                false
+            }
+        }
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
@@ -119,6 +200,16 @@ impl Tree {
     /// reading the tree never lists a layer whose data is gone. One walk for the batch.
     pub fn remove_layer_links(&self, digests: &HashSet<&str>) -> io::Result<u64> {
         let mut removed = 0;
+        if let Some(m) = &self.mirror {
+            for (rel, _) in m.list_links("repositories/")? {
+                let comps: Vec<&str> = rel.rsplit('/').take(4).collect();
+                if let ["link", hex, _, "_layers"] = comps.as_slice() {
+                    if digests.contains(hex) {
+                        m.delete_link(&rel)?;
+                    }
+                }
+            }
+        }
         for layers in find_dirs_named(&self.repositories(), "_layers")? {
             for a in Algorithm::ALL {
                 let Ok(entries) = fs::read_dir(layers.join(a.as_str())) else { continue };
@@ -136,8 +227,16 @@ impl Tree {
         Ok(removed)
     }
 
-    /// Writes a link file (`<alg>:<hex>`) atomically, without waiting for the disk.
+    /// Writes a link file (`<alg>:<hex>`): to the mirror first, when there is one, then
+    /// here atomically, without waiting for the disk.
     fn write_link(&self, path: &Path, d: &Digest) -> io::Result<()> {
+        if let (Some(m), Some(rel)) = (&self.mirror, self.rel(path)) {
+            m.put_link(&rel, d)?;
+        }
+        self.write_link_local(path, d)
+    }
+
+    fn write_link_local(&self, path: &Path, d: &Digest) -> io::Result<()> {
         self.write_atomic(path, d.to_string().as_bytes(), false)
     }
 
@@ -356,7 +455,35 @@ pub struct TagLinks {
 impl Tree {
     /// Whether `r` has a revision link for manifest `d`.
     pub fn has_revision(&self, r: &RepoKey, d: &Digest) -> bool {
-        self.revision_link(r, d).exists()
+        self.has_link(&self.revision_link(r, d))
+    }
+
+    /// The tag directory of `t` in `r`, relative to `docker/registry/v2` (for
+    /// [`Tree::pull_links`]).
+    pub fn tag_dir_rel(&self, r: &RepoKey, t: &Tag) -> String {
+        format!("repositories/{}/_manifests/tags/{}/", r.as_str(), t.as_str())
+    }
+
+    /// What the links say of tag `t` of `r`.
+    pub fn tag_links(&self, r: &RepoKey, t: &Tag) -> io::Result<Option<TagLinks>> {
+        let tag_dir = self.repo(r).join("_manifests/tags").join(t.as_str());
+        let current_link = tag_dir.join("current/link");
+        let Some(current) = read_link(&current_link)? else { return Ok(None) };
+        let mut seen = Vec::new();
+        for a in Algorithm::ALL {
+            for link in walk_files(&tag_dir.join("index").join(a.as_str()))? {
+                if let Some(d) = read_link(&link)? {
+                    seen.push((d, mtime_ms(&link)));
+                }
+            }
+        }
+        Ok(Some(TagLinks {
+            repo: r.clone(),
+            tag: t.clone(),
+            current,
+            current_ms: mtime_ms(&current_link),
+            seen,
+        }))
     }
 
     /// Every (repository, manifest digest) revision link, and every tag's links.
@@ -414,7 +541,7 @@ impl Tree {
     /// Records that `r`'s tag `t` points at `d`: its index link and its current link.
     pub fn link_tag(&self, r: &RepoKey, t: &Tag, d: &Digest) -> io::Result<()> {
         let idx = self.tag_index_link(r, t, d);
-        if !idx.exists() {
+        if !self.has_link(&idx) {
             self.write_link(&idx, d)?;
         }
         self.write_link(&self.tag_current(r, t), d)
@@ -423,7 +550,7 @@ impl Tree {
     /// Records that tag `t` of `r` once pointed at `d` (its history), without moving it.
     pub fn link_tag_history(&self, r: &RepoKey, t: &Tag, d: &Digest) -> io::Result<()> {
         let idx = self.tag_index_link(r, t, d);
-        if !idx.exists() {
+        if !self.has_link(&idx) {
             self.write_link(&idx, d)?;
         }
         Ok(())

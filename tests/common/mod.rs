@@ -8,6 +8,7 @@ pub mod docker;
 pub mod fake;
 pub mod image;
 pub mod push;
+pub mod s3;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -61,7 +62,7 @@ pub async fn wait_until<T, F: std::future::Future<Output = Option<T>>>(
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
@@ -76,7 +77,7 @@ fn http_ok(url: &str) -> bool {
 }
 
 /// Kills `pid` once this test process is gone, even if it dies without unwinding.
-fn reap_with_me(pid: u32) {
+pub fn reap_with_me(pid: u32) {
     let me = std::process::id();
     let _ = Command::new("sh")
         .arg("-c")

@@ -1,0 +1,595 @@
+//! The shared store: blob bytes and repository links in an S3-compatible bucket, in CNCF
+//! distribution's layout under `<prefix>/docker/registry/v2/`, so that several replicas
+//! share one cache (and a stock distribution with its S3 driver serves what they cached).
+//!
+//! Each replica keeps a bounded local tier of blobs in its data dir (served with
+//! `sendfile` like the filesystem backend), a local copy of the link files, and its sled
+//! index, all derived from the bucket. A blob object is written only after its digest is
+//! verified, with one PUT or a multipart upload: S3 makes neither visible under its key
+//! before it is complete. Downloads are claimed with a lease object created with
+//! `If-None-Match: *`, so one replica fetches a blob from the upstream while the others
+//! wait for it to appear in the bucket.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::future::Future;
+use std::io::{self, Read};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as Key;
+use object_store::signer::Signer;
+use object_store::{
+    ClientOptions, GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload, WriteMultipart,
+};
+
+use crate::config::StorageConfig;
+use crate::oci::{Algorithm, Digest};
+
+use super::backend::{BlobBackend, BlobRead, Listed, Spool};
+use super::now_ms;
+use super::tree::{LinkMirror, Tree};
+
+/// Blobs up to this size go up in one PUT; larger ones in parts of this size.
+const PART: usize = 16 * 1024 * 1024;
+/// Parts of one blob uploaded at a time.
+const PART_CONCURRENCY: usize = 4;
+
+/// How an error of the bucket begins (see [`super::StoreError::is_unavailable`]).
+pub const UNAVAILABLE: &str = "the shared object store failed";
+
+fn to_io(e: object_store::Error) -> io::Error {
+    let kind = match e {
+        object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("{UNAVAILABLE}: {e}"))
+}
+
+/// The bucket and how wharf uses it.
+pub struct Bucket {
+    s3: Arc<AmazonS3>,
+    /// `<prefix>/docker/registry/v2`, without slashes at either end.
+    v2: String,
+    /// `<prefix>/_wharf`: leases; distribution ignores it.
+    own: String,
+    /// The store's own runtime: callers are blocking threads, CLI commands and async tasks
+    /// of the server's runtime alike, and none of them may drive the requests themselves.
+    rt: Option<tokio::runtime::Runtime>,
+    redirect_ttl: Option<Duration>,
+    lease_ttl: Duration,
+    /// Names this replica in the leases it holds.
+    replica: String,
+}
+
+fn join(prefix: &str, rest: &str) -> String {
+    let p = prefix.trim_matches('/');
+    if p.is_empty() {
+        rest.to_owned()
+    } else {
+        format!("{p}/{rest}")
+    }
+}
+
+impl Bucket {
+    pub fn open(cfg: &StorageConfig) -> io::Result<Bucket> {
+        let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+        let mut opts = ClientOptions::new()
+            .with_timeout(cfg.timeout)
+            .with_connect_timeout(Duration::from_secs(10))
+            .with_allow_http(cfg.insecure)
+            .with_allow_invalid_certificates(cfg.insecure);
+        if let Some(ca) = &cfg.ca_file {
+            let pem = fs::read(ca).map_err(|e| invalid(format!("storage.ca_file {}: {e}", ca.display())))?;
+            for c in object_store::Certificate::from_pem_bundle(&pem).map_err(to_io)? {
+                opts = opts.with_root_certificate(c);
+            }
+        }
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(&cfg.bucket)
+            .with_region(&cfg.region)
+            .with_virtual_hosted_style_request(!cfg.path_style)
+            .with_client_options(opts)
+            .with_retry(object_store::RetryConfig {
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(30),
+                ..Default::default()
+            });
+        if let Some(e) = &cfg.endpoint {
+            b = b.with_endpoint(e.as_str().trim_end_matches('/'));
+        }
+        if let Some(k) = &cfg.access_key_id {
+            b = b.with_access_key_id(k);
+        }
+        if let Some(s) = cfg.resolved_secret().map_err(|e| invalid(e.to_string()))? {
+            b = b.with_secret_access_key(s.0);
+        }
+        let s3 = Arc::new(b.build().map_err(to_io)?);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("wharf-s3")
+            .enable_all()
+            .build()?;
+        Ok(Bucket {
+            s3,
+            v2: join(&cfg.prefix, "docker/registry/v2"),
+            own: join(&cfg.prefix, "_wharf"),
+            rt: Some(rt),
+            redirect_ttl: cfg.redirect.then_some(cfg.redirect_ttl),
+            lease_ttl: cfg.lease_ttl,
+            replica: format!("{}-{}-{}", hostname(), std::process::id(), now_ms()),
+        })
+    }
+
+    fn spawn<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        match &self.rt {
+            Some(rt) => rt.spawn(f),
+            None => unreachable!("the runtime is taken only when the bucket is dropped"),
+        }
+    }
+
+    /// Runs `f` on the store's runtime and waits for it, from any thread.
+    fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv().expect("the store's runtime runs until the bucket is dropped")
+    }
+
+    fn blob_key(&self, d: &Digest) -> Key {
+        Key::from(format!("{}/blobs/{}/{}/{}/data", self.v2, d.algorithm().as_str(), &d.hex()[..2], d.hex()))
+    }
+
+    fn lease_key(&self, d: &Digest) -> Key {
+        Key::from(format!("{}/leases/{}/{}", self.own, d.algorithm().as_str(), d.hex()))
+    }
+
+    fn head(&self, key: Key) -> io::Result<Option<object_store::ObjectMeta>> {
+        let s3 = self.s3.clone();
+        match self.run(async move { s3.head(&key).await }) {
+            Ok(m) => Ok(Some(m)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(to_io(e)),
+        }
+    }
+
+    fn get(&self, key: Key) -> io::Result<Option<Bytes>> {
+        let s3 = self.s3.clone();
+        match self.run(async move { s3.get(&key).await?.bytes().await }) {
+            Ok(b) => Ok(Some(b)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(to_io(e)),
+        }
+    }
+
+    fn put(&self, key: Key, bytes: Bytes) -> io::Result<()> {
+        let s3 = self.s3.clone();
+        self.run(async move { s3.put(&key, PutPayload::from(bytes)).await }).map(|_| ()).map_err(to_io)
+    }
+
+    fn delete(&self, key: Key) -> io::Result<()> {
+        let s3 = self.s3.clone();
+        match self.run(async move { s3.delete(&key).await }) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(to_io(e)),
+        }
+    }
+
+    /// Every object under `prefix` (a key prefix ending in `/`).
+    fn list(&self, prefix: String) -> io::Result<Vec<object_store::ObjectMeta>> {
+        let s3 = self.s3.clone();
+        self.run(async move { s3.list(Some(&Key::from(prefix))).try_collect::<Vec<_>>().await })
+            .map_err(to_io)
+    }
+
+    /// Uploads a verified file as blob `d`: one PUT, or parts when it is large. Only a
+    /// complete upload becomes visible under the key.
+    fn upload(&self, path: &Path, d: &Digest) -> io::Result<()> {
+        let key = self.blob_key(d);
+        let mut file = File::open(path)?;
+        let size = file.metadata()?.len();
+        if size as usize <= PART {
+            let mut buf = Vec::with_capacity(size as usize);
+            file.read_to_end(&mut buf)?;
+            return self.put(key, Bytes::from(buf));
+        }
+        let s3 = self.s3.clone();
+        self.run(async move {
+            let upload = s3.put_multipart(&key).await.map_err(to_io)?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
+            loop {
+                w.wait_for_capacity(PART_CONCURRENCY).await.map_err(to_io)?;
+                let (f, buf) = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; PART];
+                    let mut n = 0;
+                    while n < PART {
+                        match file.read(&mut buf[n..]) {
+                            Ok(0) => break,
+                            Ok(k) => n += k,
+                            Err(e) => return (file, Err(e)),
+                        }
+                    }
+                    buf.truncate(n);
+                    (file, Ok(buf))
+                })
+                .await
+                .map_err(io::Error::other)?;
+                file = f;
+                let buf = match buf {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = w.abort().await;
+                        return Err(e);
+                    }
+                };
+                if buf.is_empty() {
+                    break;
+                }
+                w.put(Bytes::from(buf));
+            }
+            w.finish().await.map(|_| ()).map_err(to_io)
+        })
+    }
+
+    /// Streams blob `d` (or the `(first, len)` part of it) from the bucket.
+    fn stream(&self, d: &Digest, size: u64, range: Option<(u64, u64)>) -> io::Result<Option<BlobRead>> {
+        let key = self.blob_key(d);
+        let s3 = self.s3.clone();
+        let range = range.filter(|(first, len)| first.saturating_add(*len) <= size && *len > 0);
+        let opts = GetOptions {
+            range: range.map(|(first, len)| GetRange::Bounded(first..first + len)),
+            ..Default::default()
+        };
+        let res = self.run(async move { s3.get_opts(&key, opts).await });
+        let got = match res {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(to_io(e)),
+        };
+        let len = got.range.end - got.range.start;
+        // The body is polled by the caller's runtime; its connection lives on ours.
+        let body = got.into_stream().map(|r| r.map_err(to_io));
+        Ok(Some(BlobRead::Stream { body: Box::pin(body), size: len }))
+    }
+
+    /// A presigned GET of blob `d`, when redirects are on.
+    pub fn presigned(&self, d: &Digest) -> io::Result<Option<String>> {
+        let Some(ttl) = self.redirect_ttl else { return Ok(None) };
+        let (s3, key) = (self.s3.clone(), self.blob_key(d));
+        let url =
+            self.run(async move { s3.signed_url(http::Method::GET, &key, ttl).await }).map_err(to_io)?;
+        Ok(Some(url.to_string()))
+    }
+
+    /// Claims the download of `d` for this replica; `None` when another replica holds a
+    /// live claim. A claim not renewed for `lease_ttl` (its holder died) is taken over.
+    pub fn claim(self: &Arc<Self>, d: &Digest) -> io::Result<Option<Lease>> {
+        self.claim_key(self.lease_key(d))
+    }
+
+    /// The lease of one job all replicas share (`name`: `gc`), as [`Bucket::claim`].
+    pub fn claim_job(self: &Arc<Self>, name: &str) -> io::Result<Option<Lease>> {
+        self.claim_key(Key::from(format!("{}/leases/{name}", self.own)))
+    }
+
+    fn claim_key(self: &Arc<Self>, key: Key) -> io::Result<Option<Lease>> {
+        for _ in 0..2 {
+            let (s3, k) = (self.s3.clone(), key.clone());
+            let body = PutPayload::from(self.replica.clone());
+            let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+            match self.run(async move { s3.put_opts(&k, body, opts).await }) {
+                Ok(_) => return Ok(Some(Lease::start(self.clone(), key))),
+                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                }
+                Err(e) => return Err(to_io(e)),
+            }
+            match self.head(key.clone())? {
+                Some(m)
+                    if (m.last_modified.timestamp_millis().max(0) as u64)
+                        .saturating_add(self.lease_ttl.as_millis() as u64)
+                        > now_ms() =>
+                {
+                    return Ok(None)
+                }
+                Some(_) => {
+                    tracing::warn!(lease = %key, "a replica's download claim lapsed; taking it over");
+                    self.delete(key.clone())?;
+                }
+                // Released between our two requests: try again.
+                None => {}
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Drop for Bucket {
+    fn drop(&mut self) {
+        // Dropped from async code too, where waiting for the runtime's threads is refused.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "wharf".into())
+}
+
+/// A replica's claim on one download, renewed while it is held and deleted when dropped.
+pub struct Lease {
+    bucket: Arc<Bucket>,
+    key: Key,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    fn start(bucket: Arc<Bucket>, key: Key) -> Lease {
+        let (s3, k, body, every) =
+            (bucket.s3.clone(), key.clone(), bucket.replica.clone(), bucket.lease_ttl / 3);
+        let renew = bucket.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = s3.put(&k, PutPayload::from(body.clone())).await {
+                    tracing::warn!(error = %e, lease = %k, "renewing a download claim failed");
+                }
+            }
+        });
+        Lease { bucket, key, renew }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renew.abort();
+        let (s3, key) = (self.bucket.s3.clone(), self.key.clone());
+        self.bucket.spawn(async move {
+            if let Err(e) = s3.delete(&key).await {
+                tracing::warn!(error = %e, lease = %key, "releasing a download claim failed; it lapses");
+            }
+        });
+    }
+}
+
+impl LinkMirror for Bucket {
+    fn put_link(&self, rel: &str, d: &Digest) -> io::Result<()> {
+        self.put(Key::from(format!("{}/{rel}", self.v2)), Bytes::from(d.to_string()))
+    }
+
+    fn link(&self, rel: &str) -> io::Result<Option<(Digest, u64)>> {
+        let key = Key::from(format!("{}/{rel}", self.v2));
+        let Some(meta) = self.head(key.clone())? else { return Ok(None) };
+        let Some(bytes) = self.get(key)? else { return Ok(None) };
+        let d = std::str::from_utf8(&bytes).ok().and_then(|s| Digest::parse(s.trim()));
+        Ok(d.map(|d| (d, meta.last_modified.timestamp_millis().max(0) as u64)))
+    }
+
+    fn delete_link(&self, rel: &str) -> io::Result<()> {
+        self.delete(Key::from(format!("{}/{rel}", self.v2)))
+    }
+
+    fn list_links(&self, rel_prefix: &str) -> io::Result<Vec<(String, u64)>> {
+        let root = format!("{}/", self.v2);
+        Ok(self
+            .list(format!("{root}{rel_prefix}"))?
+            .into_iter()
+            .filter_map(|m| {
+                let key = m.location.as_ref().strip_prefix(&root)?.to_owned();
+                key.ends_with("/link").then(|| (key, m.last_modified.timestamp_millis().max(0) as u64))
+            })
+            .collect())
+    }
+}
+
+/// Blobs on this replica's disk, least recently used evicted first past `max`.
+#[derive(Default)]
+struct LocalTier {
+    used: HashMap<Digest, (u64, u64)>,
+    bytes: u64,
+}
+
+/// The s3 backend: the bucket holds every blob; the local tier some of them.
+pub struct Tiered {
+    bucket: Arc<Bucket>,
+    local: Arc<Tree>,
+    local_max: u64,
+    tier: Mutex<LocalTier>,
+    /// Blobs known to be in the bucket, with their sizes: a hit asks the bucket nothing.
+    known: Mutex<HashMap<Digest, u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Tiered {
+    pub fn new(bucket: Arc<Bucket>, local: Arc<Tree>, local_max: u64) -> io::Result<Tiered> {
+        let mut tier = LocalTier::default();
+        local.list(&mut |l: Listed| {
+            tier.bytes += l.size;
+            tier.used.insert(l.digest, (l.size, l.stored_ms));
+        })?;
+        let t =
+            Tiered { bucket, local, local_max, tier: Mutex::new(tier), known: Mutex::new(HashMap::new()) };
+        t.trim_local(0)?;
+        Ok(t)
+    }
+
+    pub fn bucket(&self) -> &Arc<Bucket> {
+        &self.bucket
+    }
+
+    /// Size of `d` in the bucket (asked only when not known).
+    fn remote_size(&self, d: &Digest) -> io::Result<Option<u64>> {
+        if let Some(n) = lock(&self.known).get(d) {
+            return Ok(Some(*n));
+        }
+        let size = self.bucket.head(self.bucket.blob_key(d))?.map(|m| m.size);
+        if let Some(n) = size {
+            lock(&self.known).insert(d.clone(), n);
+        }
+        Ok(size)
+    }
+
+    /// Whether blob `d` is in the bucket, asking it (a download of another replica may
+    /// have just put it there).
+    pub fn in_bucket(&self, d: &Digest) -> io::Result<Option<u64>> {
+        lock(&self.known).remove(d);
+        self.remote_size(d)
+    }
+
+    /// Drops local copies, least recently used first, until `extra` more bytes fit.
+    fn trim_local(&self, extra: u64) -> io::Result<()> {
+        let victims: Vec<(Digest, u64)> = {
+            let mut tier = lock(&self.tier);
+            if tier.bytes + extra <= self.local_max {
+                return Ok(());
+            }
+            let mut by_age: Vec<(u64, Digest, u64)> =
+                tier.used.iter().map(|(d, (size, at))| (*at, d.clone(), *size)).collect();
+            by_age.sort();
+            let target = (self.local_max / 10 * 9).saturating_sub(extra);
+            let mut out = Vec::new();
+            for (_, d, size) in by_age {
+                if tier.bytes <= target {
+                    break;
+                }
+                tier.bytes -= size;
+                tier.used.remove(&d);
+                out.push((d, size));
+            }
+            out
+        };
+        for (d, _) in victims {
+            // Readers holding it open keep their bytes; the bucket keeps the blob.
+            self.local.delete(&d)?;
+        }
+        Ok(())
+    }
+
+    fn keep_local(&self, d: &Digest, size: u64) {
+        let mut tier = lock(&self.tier);
+        if tier.used.insert(d.clone(), (size, now_ms())).is_none() {
+            tier.bytes += size;
+        }
+    }
+
+    fn touch_local(&self, d: &Digest) {
+        if let Some(e) = lock(&self.tier).used.get_mut(d) {
+            e.1 = now_ms();
+        }
+    }
+}
+
+impl BlobBackend for Tiered {
+    fn stat(&self, d: &Digest) -> io::Result<Option<u64>> {
+        if let Some(n) = self.local.stat(d)? {
+            return Ok(Some(n));
+        }
+        self.remote_size(d)
+    }
+
+    fn open(&self, d: &Digest, range: Option<(u64, u64)>) -> io::Result<Option<BlobRead>> {
+        if let Some(r) = self.local.open(d, range)? {
+            self.touch_local(d);
+            return Ok(Some(r));
+        }
+        let Some(size) = self.remote_size(d)? else { return Ok(None) };
+        match self.bucket.stream(d, size, range)? {
+            Some(r) => Ok(Some(r)),
+            None => {
+                lock(&self.known).remove(d);
+                Ok(None)
+            }
+        }
+    }
+
+    fn read(&self, d: &Digest) -> io::Result<Option<Vec<u8>>> {
+        if let Some(b) = self.local.read(d)? {
+            return Ok(Some(b));
+        }
+        Ok(self.bucket.get(self.bucket.blob_key(d))?.map(|b| b.to_vec()))
+    }
+
+    fn spool(&self) -> io::Result<Spool> {
+        self.local.spool()
+    }
+
+    fn put_spool(&self, spool: &Path, d: &Digest) -> io::Result<()> {
+        let size = fs::metadata(spool)?.len();
+        if self.in_bucket(d)? != Some(size) {
+            self.bucket.upload(spool, d)?;
+            lock(&self.known).insert(d.clone(), size);
+        }
+        if self.local_max == 0 {
+            return fs::remove_file(spool);
+        }
+        self.trim_local(size)?;
+        self.local.put_spool(spool, d)?;
+        self.keep_local(d, size);
+        Ok(())
+    }
+
+    fn put_bytes(&self, d: &Digest, bytes: &[u8]) -> io::Result<()> {
+        if self.in_bucket(d)? != Some(bytes.len() as u64) {
+            self.bucket.put(self.bucket.blob_key(d), Bytes::copy_from_slice(bytes))?;
+            lock(&self.known).insert(d.clone(), bytes.len() as u64);
+        }
+        if self.local_max > 0 {
+            self.local.put_bytes(d, bytes)?;
+            self.keep_local(d, bytes.len() as u64);
+        }
+        Ok(())
+    }
+
+    fn delete(&self, d: &Digest) -> io::Result<Option<u64>> {
+        let remote = self.in_bucket(d)?;
+        self.bucket.delete(self.bucket.blob_key(d))?;
+        lock(&self.known).remove(d);
+        let local = self.local.delete(d)?;
+        if let Some((size, _)) = lock(&self.tier).used.remove(d) {
+            lock(&self.tier).bytes -= size;
+        }
+        Ok(remote.or(local))
+    }
+
+    fn list(&self, each: &mut dyn FnMut(Listed)) -> io::Result<()> {
+        let mut known = HashMap::new();
+        for a in Algorithm::ALL {
+            for m in self.bucket.list(format!("{}/blobs/{}/", self.bucket.v2, a.as_str()))? {
+                let key = m.location.as_ref();
+                let Some(hex) = key.strip_suffix("/data").and_then(|k| k.rsplit('/').next()) else {
+                    continue;
+                };
+                let Some(d) = Digest::parse(&format!("{}:{hex}", a.as_str())) else { continue };
+                known.insert(d.clone(), m.size);
+                each(Listed {
+                    digest: d,
+                    size: m.size,
+                    stored_ms: m.last_modified.timestamp_millis().max(0) as u64,
+                });
+            }
+        }
+        *lock(&self.known) = known;
+        Ok(())
+    }
+
+    fn sweep_spools(&self, older_than_ms: u64, dry_run: bool) -> io::Result<(u64, u64)> {
+        self.local.sweep_spools(older_than_ms, dry_run)
+    }
+
+    fn free_space(&self) -> io::Result<Option<u64>> {
+        // The bucket is bounded by `cache.max_size` alone; the local tier by its own cap.
+        Ok(None)
+    }
+}
