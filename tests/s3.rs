@@ -129,3 +129,201 @@ async fn an_image_one_replica_cached_is_served_by_the_others_and_by_a_stock_regi
     assert_eq!(common::layout_blobs(&out), common::layout_blobs(&pa));
     common::stop_child(&mut dist);
 }
+
+async fn get_blob(w: &Wharf, repo: &str, digest: &str) -> (u16, Vec<u8>) {
+    let r = reqwest::get(w.url(&format!("/v2/{repo}/blobs/{digest}"))).await.expect("GET blob");
+    let status = r.status().as_u16();
+    (status, r.bytes().await.map(|b| b.to_vec()).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_herd_spread_over_three_replicas_fetches_a_cold_blob_from_the_upstream_once() {
+    let reg = Registry::start();
+    let weed = Weed::start();
+    let digest = common::push::big_blob(&reg.url(), "demo/big", 7, 48 << 20).await;
+    let replicas =
+        [replica(&reg.url(), &weed, ""), replica(&reg.url(), &weed, ""), replica(&reg.url(), &weed, "")];
+    let mut clients = Vec::new();
+    for i in 0..30 {
+        let url = replicas[i % 3].url(&format!("/v2/demo/big/blobs/{digest}"));
+        clients.push(tokio::spawn(async move {
+            let r = reqwest::get(url).await.expect("GET");
+            let status = r.status().as_u16();
+            let body = r.bytes().await.expect("body");
+            (status, common::image::sha256(&body))
+        }));
+    }
+    for c in clients {
+        let (status, got) = c.await.expect("client");
+        assert_eq!(status, 200);
+        assert_eq!(got, digest, "every client gets the blob's bytes");
+    }
+    let gets = reg.blob_gets(&digest);
+    let mut waits = 0.0;
+    let mut fills = 0.0;
+    for w in &replicas {
+        w.settled().await;
+        waits += w.metric("wharf_replica_waits_total", &[]).await;
+        fills += w.metric("wharf_replica_fills_total", &[]).await;
+    }
+    eprintln!("herd of 30 over 3 replicas: {gets} upstream GET(s); {waits} replica waits, {fills} fills from the bucket");
+    assert_eq!(gets, 1, "one upstream GET for the herd across the replicas");
+    assert!(fills >= 1.0, "the other replicas filled from the bucket");
+    assert!(weed.exists(&blob_key(&digest)).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_killed_mid_download_leaves_no_object_and_the_others_take_over() {
+    let fake = common::fake::Fake::start().await;
+    let weed = Weed::start();
+    let small = fake.blob(common::image::noise("small", 100 * 1024));
+    let big_bytes = common::image::noise("big", 4 << 20);
+    let big = fake.blob(big_bytes.clone());
+    fake.set_blob_mode(&big, common::fake::BlobMode::GatedAfter(1 << 20));
+    // A short lease, so a dead replica's claim lapses within the test.
+    let lease = "lease_ttl = \"2s\"";
+    let mut a = replica(&fake.url(), &weed, lease);
+    let (b, c) = (replica(&fake.url(), &weed, lease), replica(&fake.url(), &weed, lease));
+    assert_eq!(get_blob(&a, "demo/app", &small).await, (200, common::image::noise("small", 100 * 1024)));
+    a.settled().await;
+
+    // A starts the big download and is killed with a megabyte of it spooled.
+    let url = a.url(&format!("/v2/demo/app/blobs/{big}"));
+    let stalled = tokio::spawn(async move {
+        let r = reqwest::get(url).await?;
+        r.bytes().await
+    });
+    common::wait_until(20, "A to fetch the blob", || async {
+        (fake.count("GET", &format!("/blobs/{big}")) == 1).then_some(())
+    })
+    .await;
+    a.kill9();
+    assert!(stalled.await.expect("client task").is_err(), "A's client saw its transfer cut");
+    assert!(!weed.exists(&blob_key(&big)).await, "no object under the blob's final key");
+    assert!(
+        weed.keys("_wharf/leases/").await.iter().any(|k| k.ends_with(big.trim_start_matches("sha256:"))),
+        "A's claim is left behind"
+    );
+
+    // B and C serve what A cached; B fetches the big blob once A's claim lapses.
+    assert_eq!(get_blob(&b, "demo/app", &small).await.0, 200);
+    assert_eq!(get_blob(&c, "demo/app", &small).await.0, 200);
+    fake.open_gate();
+    let (status, body) = get_blob(&b, "demo/app", &big).await;
+    assert_eq!(status, 200);
+    assert_eq!(common::image::sha256(&body), big);
+    b.settled().await;
+    assert!(weed.exists(&blob_key(&big)).await);
+    assert_eq!(get_blob(&c, "demo/app", &big).await, (200, big_bytes));
+    assert_eq!(fake.count("GET", &format!("/blobs/{big}")), 2, "A's cut fetch and B's");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_object_store_leaves_the_local_tier_served_and_answers_503_for_the_rest() {
+    let reg = Registry::start();
+    let mut weed = Weed::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let img = reg.seed_with(work.path(), "v1", "demo/app:latest", LAYERS, false);
+    let (a, b) = (replica(&reg.url(), &weed, ""), replica(&reg.url(), &weed, ""));
+    let pa = work.path().join("pa");
+    pull_all(&format!("{}/demo/app:latest", a.host()), &pa).expect("pull through A");
+    a.settled().await;
+    let layers: Vec<String> = img.blobs.iter().filter(|d| !d.is_empty()).cloned().collect();
+
+    weed.stop();
+    // A has every blob in its local tier; B has none of them.
+    for d in &layers {
+        let (status, body) = get_blob(&a, "demo/app", d).await;
+        assert_eq!(status, 200, "A serves {d} from its local tier");
+        assert_eq!(&common::image::sha256(&body), d);
+    }
+    let r = reqwest::get(b.url(&format!("/v2/demo/app/blobs/{}", layers[0]))).await.expect("GET");
+    assert_eq!(r.status(), 503);
+    let err: serde_json::Value = r.json().await.expect("OCI error JSON");
+    assert_eq!(err["errors"][0]["code"], "UNAVAILABLE", "{err}");
+    assert!(err["errors"][0]["message"].as_str().unwrap_or("").contains("object store"), "{err}");
+    assert!(b.metric("wharf_http_requests_total", &[("status", "503")]).await >= 1.0);
+
+    // The store comes back: B pulls the image whole, and every object in the bucket holds
+    // the bytes its key names.
+    weed.start_again();
+    let pb = work.path().join("pb");
+    pull_all(&format!("{}/demo/app:latest", b.host()), &pb).expect("pull through B");
+    assert_eq!(common::layout_top_digest(&pb), img.index);
+    assert_eq!(common::layout_blobs(&pb), common::layout_blobs(&pa));
+    let client = weed.client();
+    for key in weed.keys("docker/registry/v2/blobs/").await {
+        use object_store::ObjectStore;
+        let bytes = client
+            .get(&object_store::path::Path::from(key.as_str()))
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("bytes");
+        let hex = key.trim_end_matches("/data").rsplit('/').next().expect("hex");
+        assert_eq!(common::image::sha256(&bytes), format!("sha256:{hex}"), "{key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirect_mode_is_followed_by_skopeo_containerd_and_the_docker_daemon() {
+    let reg = Registry::start();
+    let weed = Weed::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let img = reg.seed(work.path(), "redir", "library/demo:latest", LAYERS);
+    let docker_io = |w: &Weed| {
+        Wharf::with_config(&format!(
+            "[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ninsecure = true\n{}",
+            reg.url(),
+            w.storage_toml("redirect = true\nredirect_ttl = \"2m\"")
+        ))
+    };
+    let (a, b) = (docker_io(&weed), docker_io(&weed));
+    // A caches the image (a miss streams through wharf); B then redirects every blob.
+    let pa = work.path().join("pa");
+    pull_all(&format!("{}/library/demo:latest", a.host()), &pa).expect("pull through A");
+    a.settled().await;
+
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+        .get(b.url(&format!("/v2/library/demo/blobs/{}", img.blobs[0])))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 307);
+    let loc = r.headers()["location"].to_str().expect("location").to_owned();
+    assert!(loc.starts_with(&weed.endpoint()) && loc.contains("X-Amz-Signature="), "{loc}");
+    let direct = reqwest::get(&loc).await.expect("presigned GET");
+    assert_eq!(direct.status(), 200);
+    assert_eq!(common::image::sha256(&direct.bytes().await.expect("bytes")), img.blobs[0]);
+
+    let pb = work.path().join("pb");
+    pull_all(&format!("{}/library/demo:latest", b.host()), &pb).expect("skopeo through B");
+    assert_eq!(common::layout_blobs(&pb), common::layout_blobs(&pa));
+
+    let ctd = common::daemons::Containerd::start();
+    let hosts = common::daemons::hosts_dir(work.path(), "docker.io", &b);
+    let out = ctd.pull_amd64(&hosts, "docker.io/library/demo:latest");
+    common::succeeded(&out, "ctr pull through B's redirects");
+    let images = String::from_utf8_lossy(&ctd.ctr(&["images", "ls"]).stdout).into_owned();
+    assert!(images.contains(&img.index), "{images}");
+    drop(ctd);
+
+    let d = common::docker::Dockerd::start(
+        &work.path().join("docker"),
+        &["--registry-mirror", &format!("http://{}", b.host()), "--insecure-registry", &b.host()],
+    );
+    let pulled = d.ok(&["pull", "demo:latest"]);
+    assert!(pulled.contains(&img.index), "docker pulled through B's redirects: {pulled}");
+    drop(d);
+
+    // Every blob B answered was a redirect: the object store served the bytes.
+    let redirects = b.metric("wharf_http_requests_total", &[("route", "blob"), ("status", "307")]).await;
+    let streamed = b.metric("wharf_http_requests_total", &[("route", "blob"), ("status", "200")]).await;
+    eprintln!("B: {redirects} blob redirects, {streamed} blobs streamed");
+    assert!(redirects >= 3.0 * 2.0, "skopeo, ctr and docker each followed redirects: {redirects}");
+    assert_eq!(streamed, 0.0, "no blob bytes went through B");
+}

@@ -483,9 +483,11 @@ impl FillJob {
             let claim = super::blocking(move || s.claim_download(&d)).await?;
             match claim {
                 crate::store::Claim::Mine(lease) => {
+                    let shared = lease.is_some();
                     self.shared_lease = lease;
-                    // The claimant may have finished between our looks.
-                    if waited {
+                    // Another replica may have stored it and let go of its claim since
+                    // the cache was looked at: the claim orders us after it.
+                    if shared {
                         if let Some(src) = self.bucket_source().await? {
                             return Ok(src);
                         }

@@ -534,14 +534,23 @@ impl Cache {
         }
     }
 
+    /// Records that `key` holds the blob being served. A failed write (a shared bucket
+    /// that is down) is logged, not passed on: the bytes are there to serve, and the link
+    /// is written again on a later hit.
+    fn link_served(&self, key: &RepoKey, d: &Digest) {
+        if let Err(e) = self.store.link_layer(key, d) {
+            tracing::warn!(repository = %key.as_str(), digest = %d, error = %e, "recording a repository's blob link failed");
+        }
+    }
+
     fn cached_blob(&self, key: &RepoKey, d: &Digest) -> Result<Option<BlobBody>, CacheError> {
         if let Some((url, size)) = self.store.blob_redirect(d)? {
-            self.store.link_layer(key, d)?;
+            self.link_served(key, d);
             self.store.touch(d);
             return Ok(Some(BlobBody::Redirect { url, size }));
         }
         if let Some(bytes) = self.store.small_blob(d) {
-            self.store.link_layer(key, d)?;
+            self.link_served(key, d);
             self.store.touch(d);
             return Ok(Some(BlobBody::Bytes(bytes)));
         }
@@ -549,7 +558,7 @@ impl Cache {
         let lease = self.leases.take(d);
         match self.store.open_blob(d, None)? {
             Some(BlobRead::File { file, size }) => {
-                self.store.link_layer(key, d)?;
+                self.link_served(key, d);
                 self.store.touch(d);
                 if size <= crate::store::SMALL_BLOB_MAX {
                     if let Ok(bytes) = read_at(&file, 0, size as usize) {
@@ -560,7 +569,7 @@ impl Cache {
                 Ok(Some(BlobBody::File { file, size, lease: Some(lease) }))
             }
             Some(BlobRead::Stream { body, size }) => {
-                self.store.link_layer(key, d)?;
+                self.link_served(key, d);
                 self.store.touch(d);
                 Ok(Some(BlobBody::Stream { body, size, lease }))
             }
@@ -577,7 +586,7 @@ impl Cache {
         d: &Digest,
     ) -> Result<(Option<u64>, bool), CacheError> {
         if let Some(size) = self.store.blob_size(d)? {
-            self.store.link_layer(&RepoKey::new(&up.name, name), d)?;
+            self.link_served(&RepoKey::new(&up.name, name), d);
             self.store.touch(d);
             return Ok((Some(size), true));
         }

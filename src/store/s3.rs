@@ -94,9 +94,10 @@ impl Bucket {
             .with_region(&cfg.region)
             .with_virtual_hosted_style_request(!cfg.path_style)
             .with_client_options(opts)
+            // A client waits for these: a store that is down is answered 503 in seconds.
             .with_retry(object_store::RetryConfig {
-                max_retries: 3,
-                retry_timeout: Duration::from_secs(30),
+                max_retries: 2,
+                retry_timeout: Duration::from_secs(3),
                 ..Default::default()
             });
         if let Some(e) = &cfg.endpoint {

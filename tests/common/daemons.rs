@@ -57,6 +57,23 @@ impl Containerd {
             .output()
             .expect("ctr runs")
     }
+
+    /// `ctr images pull` of `reference` (linux/amd64) with the mirrors of `hosts`.
+    pub fn pull_amd64(&self, hosts: &Path, reference: &str) -> Output {
+        let hosts = hosts.to_str().expect("utf-8 path");
+        let args = [
+            "images",
+            "pull",
+            "--hosts-dir",
+            hosts,
+            "--snapshotter",
+            "native",
+            "--platform",
+            "linux/amd64",
+            reference,
+        ];
+        self.ctr(&args)
+    }
 }
 
 impl Drop for Containerd {

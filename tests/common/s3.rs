@@ -102,9 +102,11 @@ impl Weed {
         });
     }
 
+    /// Stops the server at once (SIGKILL: its own shutdown takes tens of seconds).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            super::stop_child(&mut c);
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 
