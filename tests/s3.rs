@@ -77,6 +77,13 @@ async fn an_image_one_replica_cached_is_served_by_the_others_and_by_a_stock_regi
         assert_eq!(common::layout_top_digest(&out), v1.index, "{name}");
         assert_eq!(common::layout_blobs(&out), common::layout_blobs(&pa), "{name}: the same blobs");
     }
+    // What B streamed from the bucket is now in its local tier, verified.
+    for blob in &v1.blobs {
+        common::wait_for(10, &format!("B's local tier to hold {blob}"), || {
+            common::in_tree(&b.data, blob).then_some(())
+        });
+    }
+    assert!(common::damaged_blobs(&b.data).is_empty());
     // The tag's history is the bucket's: the same on every replica.
     let ha = history(&a, "demo/app", "latest").await;
     assert_eq!(ha["history"].as_array().map(|h| h.len()), Some(2), "{ha}");

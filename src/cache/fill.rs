@@ -515,7 +515,7 @@ impl FillJob {
         let body = resp
             .bytes_stream()
             .map(|r| r.map_err(|e| io::Error::other(format!("blob body cut: {}", error_chain(&e)))));
-        Ok((size, Box::pin(body)))
+        Ok((size, Box::pin(body.fuse())))
     }
 
     /// The blob from the shared bucket, when another replica has stored it.
@@ -524,7 +524,7 @@ impl FillJob {
         match super::blocking(move || s.shared_blob(&d)).await? {
             Some(crate::store::BlobRead::Stream { body, size }) => {
                 self.cache.metrics.replica_fills.inc();
-                Ok(Some((Some(size), body)))
+                Ok(Some((Some(size), Box::pin(body.fuse()))))
             }
             Some(crate::store::BlobRead::File { file, size }) => {
                 let body = futures_util::stream::once(async move {
@@ -532,7 +532,7 @@ impl FillJob {
                         .await
                         .map_err(io::Error::other)?
                 });
-                Ok(Some((Some(size), Box::pin(body))))
+                Ok(Some((Some(size), Box::pin(body.fuse()))))
             }
             None => Ok(None),
         }

@@ -142,7 +142,13 @@ impl Bucket {
         self.spawn(async move {
             let _ = tx.send(f.await);
         });
-        rx.recv().expect("the store's runtime runs until the bucket is dropped")
+        let wait = move || rx.recv().expect("the store's runtime runs until the bucket is dropped");
+        // Called from a server worker (a cache lookup), the other tasks move elsewhere
+        // while this one waits for the store.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        }
     }
 
     fn blob_key(&self, d: &Digest) -> Key {
@@ -392,19 +398,168 @@ impl LinkMirror for Bucket {
     }
 }
 
-/// Blobs on this replica's disk, least recently used evicted first past `max`.
-#[derive(Default)]
+/// Blobs on this replica's disk, least recently used dropped first past `max` (the
+/// bucket keeps them).
 struct LocalTier {
-    used: HashMap<Digest, (u64, u64)>,
-    bytes: u64,
+    tree: Arc<Tree>,
+    max: u64,
+    used: Mutex<(Used, u64)>,
+}
+
+/// The local tier's blobs: digest → (size, last used in unix ms).
+type Used = HashMap<Digest, (u64, u64)>;
+
+impl LocalTier {
+    /// Drops local copies, least recently used first, until `extra` more bytes fit.
+    fn trim(&self, extra: u64) -> io::Result<()> {
+        let victims: Vec<Digest> = {
+            let mut g = lock(&self.used);
+            let (used, bytes) = &mut *g;
+            if *bytes + extra <= self.max {
+                return Ok(());
+            }
+            let mut by_age: Vec<(u64, Digest, u64)> =
+                used.iter().map(|(d, (size, at))| (*at, d.clone(), *size)).collect();
+            by_age.sort();
+            let target = (self.max / 10 * 9).saturating_sub(extra);
+            let mut out = Vec::new();
+            for (_, d, size) in by_age {
+                if *bytes <= target {
+                    break;
+                }
+                *bytes -= size;
+                used.remove(&d);
+                out.push(d);
+            }
+            out
+        };
+        for d in victims {
+            // Readers holding it open keep their bytes.
+            self.tree.delete(&d)?;
+        }
+        Ok(())
+    }
+
+    /// Moves a verified spool file into the tier.
+    fn admit(&self, spool: &Path, d: &Digest, size: u64) -> io::Result<()> {
+        self.trim(size)?;
+        self.tree.put_spool(spool, d)?;
+        self.keep(d, size);
+        Ok(())
+    }
+
+    fn keep(&self, d: &Digest, size: u64) {
+        let mut g = lock(&self.used);
+        if g.0.insert(d.clone(), (size, now_ms())).is_none() {
+            g.1 += size;
+        }
+    }
+
+    fn touch(&self, d: &Digest) {
+        if let Some(e) = lock(&self.used).0.get_mut(d) {
+            e.1 = now_ms();
+        }
+    }
+
+    fn forget(&self, d: &Digest) {
+        let mut g = lock(&self.used);
+        if let Some((size, _)) = g.0.remove(d) {
+            g.1 -= size;
+        }
+    }
+}
+
+/// A whole blob streamed from the bucket, copied into the local tier on the way: once
+/// the last byte has passed and the digest matches, the copy is admitted, so the next
+/// read is local. A client that goes away early leaves no copy.
+struct Promote {
+    tier: Arc<LocalTier>,
+    digest: Digest,
+    size: u64,
+    /// The copy, its hash and length; `None` once given up.
+    copy: Option<(Spool, crate::oci::Hasher, u64)>,
+}
+
+impl Promote {
+    fn chunk(&mut self, c: &[u8]) {
+        use std::io::Write;
+        let Some((spool, h, n)) = &mut self.copy else { return };
+        h.update(c);
+        *n += c.len() as u64;
+        if spool.file.write_all(c).is_err() {
+            self.give_up();
+        }
+    }
+
+    fn end(&mut self) {
+        let Some((spool, h, n)) = self.copy.take() else { return };
+        if n != self.size || h.finish() != self.digest {
+            let _ = fs::remove_file(&spool.path);
+            return;
+        }
+        if let Err(e) = self.tier.admit(&spool.path, &self.digest, n) {
+            tracing::warn!(digest = %self.digest, error = %e, "keeping a blob in the local tier failed");
+            let _ = fs::remove_file(&spool.path);
+        }
+    }
+
+    fn give_up(&mut self) {
+        if let Some((spool, _, _)) = self.copy.take() {
+            let _ = fs::remove_file(&spool.path);
+        }
+    }
+}
+
+/// A bucket body that feeds a [`Promote`] as it is read.
+struct Teed {
+    inner: std::pin::Pin<Box<dyn futures_util::Stream<Item = io::Result<Bytes>> + Send>>,
+    promote: Promote,
+    done: bool,
+}
+
+impl futures_util::Stream for Teed {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let item = match self.inner.poll_next_unpin(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(i) => i,
+        };
+        match &item {
+            // Complete at its length: a server that announced it stops reading there.
+            Some(Ok(c)) => {
+                self.promote.chunk(c);
+                if self.promote.copy.as_ref().is_some_and(|(_, _, n)| *n >= self.promote.size) {
+                    self.promote.end();
+                }
+            }
+            Some(Err(_)) => self.promote.give_up(),
+            None => {
+                self.done = true;
+                self.promote.end();
+            }
+        }
+        Poll::Ready(item)
+    }
+}
+
+impl Drop for Promote {
+    fn drop(&mut self) {
+        self.give_up();
+    }
 }
 
 /// The s3 backend: the bucket holds every blob; the local tier some of them.
 pub struct Tiered {
     bucket: Arc<Bucket>,
-    local: Arc<Tree>,
-    local_max: u64,
-    tier: Mutex<LocalTier>,
+    local: Arc<LocalTier>,
     /// Blobs known to be in the bucket, with their sizes: a hit asks the bucket nothing.
     known: Mutex<HashMap<Digest, u64>>,
 }
@@ -414,16 +569,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Tiered {
-    pub fn new(bucket: Arc<Bucket>, local: Arc<Tree>, local_max: u64) -> io::Result<Tiered> {
-        let mut tier = LocalTier::default();
-        local.list(&mut |l: Listed| {
-            tier.bytes += l.size;
-            tier.used.insert(l.digest, (l.size, l.stored_ms));
+    pub fn new(bucket: Arc<Bucket>, tree: Arc<Tree>, local_max: u64) -> io::Result<Tiered> {
+        let (mut used, mut bytes) = (HashMap::new(), 0);
+        tree.list(&mut |l: Listed| {
+            bytes += l.size;
+            used.insert(l.digest, (l.size, l.stored_ms));
         })?;
-        let t =
-            Tiered { bucket, local, local_max, tier: Mutex::new(tier), known: Mutex::new(HashMap::new()) };
-        t.trim_local(0)?;
-        Ok(t)
+        let local = Arc::new(LocalTier { tree, max: local_max, used: Mutex::new((used, bytes)) });
+        local.trim(0)?;
+        Ok(Tiered { bucket, local, known: Mutex::new(HashMap::new()) })
     }
 
     pub fn bucket(&self) -> &Arc<Bucket> {
@@ -449,64 +603,36 @@ impl Tiered {
         self.remote_size(d)
     }
 
-    /// Drops local copies, least recently used first, until `extra` more bytes fit.
-    fn trim_local(&self, extra: u64) -> io::Result<()> {
-        let victims: Vec<(Digest, u64)> = {
-            let mut tier = lock(&self.tier);
-            if tier.bytes + extra <= self.local_max {
-                return Ok(());
-            }
-            let mut by_age: Vec<(u64, Digest, u64)> =
-                tier.used.iter().map(|(d, (size, at))| (*at, d.clone(), *size)).collect();
-            by_age.sort();
-            let target = (self.local_max / 10 * 9).saturating_sub(extra);
-            let mut out = Vec::new();
-            for (_, d, size) in by_age {
-                if tier.bytes <= target {
-                    break;
-                }
-                tier.bytes -= size;
-                tier.used.remove(&d);
-                out.push((d, size));
-            }
-            out
-        };
-        for (d, _) in victims {
-            // Readers holding it open keep their bytes; the bucket keeps the blob.
-            self.local.delete(&d)?;
+    /// `body` (all of blob `d`), copied into the local tier as it passes when it fits.
+    fn promoting(&self, d: &Digest, size: u64, body: BlobRead) -> BlobRead {
+        let BlobRead::Stream { body, size: len } = body else { return body };
+        if self.local.max == 0 || size > self.local.max / 4 {
+            return BlobRead::Stream { body, size: len };
         }
-        Ok(())
-    }
-
-    fn keep_local(&self, d: &Digest, size: u64) {
-        let mut tier = lock(&self.tier);
-        if tier.used.insert(d.clone(), (size, now_ms())).is_none() {
-            tier.bytes += size;
-        }
-    }
-
-    fn touch_local(&self, d: &Digest) {
-        if let Some(e) = lock(&self.tier).used.get_mut(d) {
-            e.1 = now_ms();
-        }
+        let Ok(spool) = self.local.tree.spool() else { return BlobRead::Stream { body, size: len } };
+        let copy = Some((spool, d.hasher(), 0));
+        let p = Promote { tier: self.local.clone(), digest: d.clone(), size, copy };
+        let body = Teed { inner: body, promote: p, done: false };
+        BlobRead::Stream { body: Box::pin(body), size: len }
     }
 }
 
 impl BlobBackend for Tiered {
     fn stat(&self, d: &Digest) -> io::Result<Option<u64>> {
-        if let Some(n) = self.local.stat(d)? {
+        if let Some(n) = self.local.tree.stat(d)? {
             return Ok(Some(n));
         }
         self.remote_size(d)
     }
 
     fn open(&self, d: &Digest, range: Option<(u64, u64)>) -> io::Result<Option<BlobRead>> {
-        if let Some(r) = self.local.open(d, range)? {
-            self.touch_local(d);
+        if let Some(r) = self.local.tree.open(d, range)? {
+            self.local.touch(d);
             return Ok(Some(r));
         }
         let Some(size) = self.remote_size(d)? else { return Ok(None) };
         match self.bucket.stream(d, size, range)? {
+            Some(r) if range.is_none() => Ok(Some(self.promoting(d, size, r))),
             Some(r) => Ok(Some(r)),
             None => {
                 lock(&self.known).remove(d);
@@ -516,14 +642,24 @@ impl BlobBackend for Tiered {
     }
 
     fn read(&self, d: &Digest) -> io::Result<Option<Vec<u8>>> {
-        if let Some(b) = self.local.read(d)? {
+        if let Some(b) = self.local.tree.read(d)? {
+            self.local.touch(d);
             return Ok(Some(b));
         }
-        Ok(self.bucket.get(self.bucket.blob_key(d))?.map(|b| b.to_vec()))
+        let Some(b) = self.bucket.get(self.bucket.blob_key(d))? else { return Ok(None) };
+        // Manifests and configs are read whole: kept locally when they are what they claim.
+        if self.local.max > 0 && d.matches(&b) {
+            let kept = self.local.trim(b.len() as u64).and_then(|_| self.local.tree.put_bytes(d, &b));
+            match kept {
+                Ok(()) => self.local.keep(d, b.len() as u64),
+                Err(e) => tracing::warn!(digest = %d, error = %e, "keeping a blob in the local tier failed"),
+            }
+        }
+        Ok(Some(b.to_vec()))
     }
 
     fn spool(&self) -> io::Result<Spool> {
-        self.local.spool()
+        self.local.tree.spool()
     }
 
     fn put_spool(&self, spool: &Path, d: &Digest) -> io::Result<()> {
@@ -532,13 +668,10 @@ impl BlobBackend for Tiered {
             self.bucket.upload(spool, d)?;
             lock(&self.known).insert(d.clone(), size);
         }
-        if self.local_max == 0 {
+        if self.local.max == 0 {
             return fs::remove_file(spool);
         }
-        self.trim_local(size)?;
-        self.local.put_spool(spool, d)?;
-        self.keep_local(d, size);
-        Ok(())
+        self.local.admit(spool, d, size)
     }
 
     fn put_bytes(&self, d: &Digest, bytes: &[u8]) -> io::Result<()> {
@@ -546,9 +679,10 @@ impl BlobBackend for Tiered {
             self.bucket.put(self.bucket.blob_key(d), Bytes::copy_from_slice(bytes))?;
             lock(&self.known).insert(d.clone(), bytes.len() as u64);
         }
-        if self.local_max > 0 {
-            self.local.put_bytes(d, bytes)?;
-            self.keep_local(d, bytes.len() as u64);
+        if self.local.max > 0 {
+            self.local.trim(bytes.len() as u64)?;
+            self.local.tree.put_bytes(d, bytes)?;
+            self.local.keep(d, bytes.len() as u64);
         }
         Ok(())
     }
@@ -557,10 +691,8 @@ impl BlobBackend for Tiered {
         let remote = self.in_bucket(d)?;
         self.bucket.delete(self.bucket.blob_key(d))?;
         lock(&self.known).remove(d);
-        let local = self.local.delete(d)?;
-        if let Some((size, _)) = lock(&self.tier).used.remove(d) {
-            lock(&self.tier).bytes -= size;
-        }
+        let local = self.local.tree.delete(d)?;
+        self.local.forget(d);
         Ok(remote.or(local))
     }
 
@@ -586,7 +718,7 @@ impl BlobBackend for Tiered {
     }
 
     fn sweep_spools(&self, older_than_ms: u64, dry_run: bool) -> io::Result<(u64, u64)> {
-        self.local.sweep_spools(older_than_ms, dry_run)
+        self.local.tree.sweep_spools(older_than_ms, dry_run)
     }
 
     fn free_space(&self) -> io::Result<Option<u64>> {
