@@ -334,3 +334,82 @@ async fn redirect_mode_is_followed_by_skopeo_containerd_and_the_docker_daemon() 
     assert!(redirects >= 3.0 * 2.0, "skopeo, ctr and docker each followed redirects: {redirects}");
     assert_eq!(streamed, 0.0, "no blob bytes went through B");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn eviction_on_the_bucket_runs_on_one_replica_and_counts_every_replicas_accesses() {
+    let reg = Registry::start();
+    let weed = Weed::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    reg.seed_with(work.path(), "old", "demo/old:1", &[300 * 1024], false);
+    reg.seed_with(work.path(), "new", "demo/new:1", &[300 * 1024], false);
+    // Each image: a 300 KiB layer per platform (two), so one image fits the cap, not two.
+    let layers = |seed: &str| -> Vec<String> {
+        common::layout_blobs(&work.path().join(seed))
+            .into_iter()
+            .filter(|d| {
+                let hex = d.trim_start_matches("sha256:");
+                let len =
+                    std::fs::metadata(work.path().join(seed).join("blobs/sha256").join(hex)).map(|m| m.len());
+                len.is_ok_and(|n| n > 200 * 1024)
+            })
+            .collect()
+    };
+    let (old_layers, new_layers) = (layers("old"), layers("new"));
+    assert_eq!((old_layers.len(), new_layers.len()), (2, 2));
+    let with_cap = || {
+        Wharf::with_config(&format!(
+            "[cache]\nmin_age = \"0s\"\nmax_size = \"1MiB\"\n[[upstreams]]\nname = \"registry.test\"\nurl = \"{}\"\ninsecure = true\n{}",
+            reg.url(),
+            weed.storage_toml("")
+        ))
+    };
+    let (a, b) = (with_cap(), with_cap());
+    // B caches `old` first; A caches `new` later; then B pulls `old` again (a hit on B
+    // only). By what A saw, `old` is the least recently used; by every replica, `new`.
+    pull_all(&format!("{}/demo/old:1", b.host()), &work.path().join("p1")).expect("pull old through B");
+    b.settled().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // object times have 1 s resolution
+    pull_all(&format!("{}/demo/new:1", a.host()), &work.path().join("p2")).expect("pull new through A");
+    a.settled().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    pull_all(&format!("{}/demo/old:1", b.host()), &work.path().join("p3")).expect("pull old again through B");
+    common::wait_until(30, "B's accesses in the bucket", || async {
+        (!weed.keys("_wharf/access/").await.is_empty()).then_some(())
+    })
+    .await;
+
+    // Another replica holds the collection lease: A's pass is skipped, nothing removed.
+    let lease = weed.client();
+    {
+        use object_store::ObjectStore;
+        lease
+            .put(&object_store::path::Path::from("_wharf/leases/gc"), "another".into())
+            .await
+            .expect("put lease");
+    }
+    let skipped: serde_json::Value =
+        serde_json::from_str(&common::succeeded(&a.cli(&["gc", "--json"]), "gc while another collects"))
+            .expect("json");
+    assert!(skipped["skipped"].is_string(), "{skipped}");
+    assert!(skipped["removed"].as_array().is_some_and(|r| r.is_empty()), "{skipped}");
+    {
+        use object_store::ObjectStore;
+        lease.delete(&object_store::path::Path::from("_wharf/leases/gc")).await.expect("delete lease");
+    }
+
+    let report: serde_json::Value =
+        serde_json::from_str(&common::succeeded(&a.cli(&["gc", "--json"]), "gc")).expect("json");
+    let removed: Vec<&str> =
+        report["removed"].as_array().expect("removed").iter().filter_map(|r| r["digest"].as_str()).collect();
+    let gone: Vec<&String> = new_layers.iter().filter(|l| removed.contains(&l.as_str())).collect();
+    assert!(!gone.is_empty(), "the least recently used anywhere goes: {report}");
+    for l in gone {
+        assert!(!weed.exists(&blob_key(l)).await, "evicted from the bucket");
+    }
+    for l in &old_layers {
+        assert!(!removed.contains(&l.as_str()), "{report}");
+        assert!(weed.exists(&blob_key(l)).await, "B's recent use kept it");
+    }
+    assert!(report["cache_bytes_before"].as_u64() > Some(1 << 20), "both images counted: {report}");
+    assert!(report["cache_bytes_after"].as_u64().unwrap_or(u64::MAX) <= 1 << 20, "{report}");
+}

@@ -285,6 +285,7 @@ impl Cache {
         let Some(_job) = self.store.claim_job("gc")? else {
             return self.fits(incoming, before_download);
         };
+        self.store.merge_shared_access()?;
         self.evict_locked(incoming, report, before_download)
     }
 
@@ -395,8 +396,12 @@ impl Cache {
                 report.skipped = Some("another replica is collecting the shared bucket".into());
                 return Ok(report);
             };
-            self.store.sync()?;
+            if self.store.is_shared() {
+                self.store.sync()?;
+                report.cache_bytes_before = self.store.totals().1;
+            }
             self.store.flush_access()?;
+            self.store.merge_shared_access()?;
             let too_young = now_ms().saturating_sub(self.policy.min_age.as_millis() as u64);
             let entries = self.store.blob_entries()?;
             let mut referenced = HashSet::new();

@@ -438,13 +438,34 @@ impl Store {
     /// Writes the pending last-access times to the index; returns how many.
     pub fn flush_access(&self) -> Result<usize, StoreError> {
         let pending = std::mem::take(&mut *lock(&self.accessed));
-        for (d, t) in &pending {
-            if let Some(mut m) = self.index.blob(d)? {
-                m.accessed_ms = m.accessed_ms.max(*t);
-                self.index.put_blob(d, &m)?;
+        self.merge_access(&pending)?;
+        if let (Some(t), false) = (&self.shared, pending.is_empty()) {
+            // The replica that evicts reads every replica's accesses.
+            if let Err(e) = t.bucket().put_accesses(&pending) {
+                tracing::warn!(error = %e, blobs = pending.len(), "writing last-access times to the shared bucket failed");
             }
         }
         Ok(pending.len())
+    }
+
+    fn merge_access(&self, times: &HashMap<Digest, u64>) -> Result<(), StoreError> {
+        for (d, t) in times {
+            if let Some(mut m) = self.index.blob(d)? {
+                if *t > m.accessed_ms {
+                    m.accessed_ms = *t;
+                    self.index.put_blob(d, &m)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every replica's last-access times from the shared bucket into the index, so
+    /// eviction here sees what was used anywhere. Nothing without a bucket.
+    pub fn merge_shared_access(&self) -> Result<(), StoreError> {
+        let Some(t) = &self.shared else { return Ok(()) };
+        let times = t.bucket().collect_accesses()?;
+        self.merge_access(&times)
     }
 
     /// What the index knows of blob `d`.

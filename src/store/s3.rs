@@ -327,6 +327,63 @@ impl Drop for Bucket {
     }
 }
 
+impl Bucket {
+    fn access_prefix(&self) -> String {
+        format!("{}/access/", self.own)
+    }
+
+    /// Writes one batch of this replica's last-access times (`<hex>` → unix ms) as an
+    /// object of its own: replicas never write the same key.
+    pub fn put_accesses(&self, times: &HashMap<Digest, u64>) -> io::Result<()> {
+        let map: serde_json::Map<String, serde_json::Value> =
+            times.iter().map(|(d, t)| (d.to_string(), serde_json::Value::from(*t))).collect();
+        let key = format!("{}{}-{}.json", self.access_prefix(), self.replica, now_ms());
+        let body = serde_json::to_vec(&map).map_err(io::Error::other)?;
+        self.put(Key::from(key), Bytes::from(body))
+    }
+
+    /// Every replica's last-access times: the batches written since, merged with the
+    /// last merge, which is written back (`merged.json`) before the batches it took in
+    /// are deleted. Run by the replica holding the `gc` lease.
+    pub fn collect_accesses(&self) -> io::Result<HashMap<Digest, u64>> {
+        let prefix = self.access_prefix();
+        let merged_key = format!("{prefix}merged.json");
+        let mut times: HashMap<Digest, u64> = HashMap::new();
+        let mut merge = |bytes: &[u8]| {
+            if let Ok(serde_json::Value::Object(m)) = serde_json::from_slice(bytes) {
+                for (d, t) in m {
+                    if let (Some(d), Some(t)) = (Digest::parse(&d), t.as_u64()) {
+                        let e = times.entry(d).or_insert(0);
+                        *e = (*e).max(t);
+                    }
+                }
+            }
+        };
+        if let Some(b) = self.get(Key::from(merged_key.clone()))? {
+            merge(&b);
+        }
+        let batches: Vec<Key> =
+            self.list(prefix)?.into_iter().map(|m| m.location).filter(|k| k.as_ref() != merged_key).collect();
+        for k in &batches {
+            if let Some(b) = self.get(k.clone())? {
+                merge(&b);
+            }
+        }
+        if !batches.is_empty() {
+            let map: serde_json::Map<String, serde_json::Value> =
+                times.iter().map(|(d, t)| (d.to_string(), serde_json::Value::from(*t))).collect();
+            self.put(
+                Key::from(merged_key),
+                Bytes::from(serde_json::to_vec(&map).map_err(io::Error::other)?),
+            )?;
+            for k in batches {
+                self.delete(k)?;
+            }
+        }
+        Ok(times)
+    }
+}
+
 fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
