@@ -179,7 +179,7 @@ fn the_chart_lints_renders_and_validates_for_every_values_file() {
                         );
                     }
                 }
-                "StatefulSet" | "DaemonSet" => {
+                "StatefulSet" | "Deployment" | "DaemonSet" => {
                     for want in [
                         "automountServiceAccountToken: false",
                         "readOnlyRootFilesystem: true",
@@ -195,6 +195,7 @@ fn the_chart_lints_renders_and_validates_for_every_values_file() {
     }
     for kind in [
         "StatefulSet",
+        "Deployment",
         "Service",
         "ConfigMap",
         "Ingress",
@@ -224,6 +225,8 @@ fn wrong_values_fail_at_install_with_the_key() {
         ("nodeConfig.enabled=true", "nodeConfig.mirror"),
         ("tls.enabled=true", "tls.secretName"),
         ("image.digest=latest", "image/digest"),
+        ("storage.backend=s4", "storage/backend"),
+        ("storage.backend=s3", "storage.s3.bucket"),
     ] {
         let out = helm(&["template", "w", chart.to_str().expect("path"), "--set", set]);
         assert!(!out.status.success(), "--set {set} is refused");
