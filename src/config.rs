@@ -645,7 +645,8 @@ impl Config {
         // Only configuration keys: other WHARF_* variables (WHARF_CONFIG, a script's
         // WHARF_BIN) are not configuration and must not trip deny_unknown_fields.
         let env = Env::prefixed("WHARF_").split("__").filter(|k| {
-            let top = k.as_str().split("__").next().unwrap_or("");
+            // After `split`, nested keys arrive as `storage.secret_access_key`.
+            let top = k.as_str().split("__").next().unwrap_or("").split('.').next().unwrap_or("");
             CONFIG_KEYS.iter().any(|c| top.eq_ignore_ascii_case(c))
         });
         fig = fig.merge(env);
@@ -918,6 +919,42 @@ mod tests {
             // The defaults as loaded: each upstream's `offline` resolved from the top level.
             let defaults = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(as_json(&example)?, as_json(&defaults)?);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_s3_backend_needs_a_bucket_and_an_https_endpoint_unless_insecure() {
+        figment::Jail::expect_with(|jail| {
+            let load = |toml: &str| -> Result<Config, String> {
+                std::fs::write("s.toml", toml).map_err(|e| e.to_string())?;
+                Config::load(Some(Path::new("s.toml")), &Overrides::default()).map_err(|e| e.to_string())
+            };
+            let _ = jail;
+            let ok =
+                load("[storage]\nbackend = \"s3\"\nbucket = \"b\"\nendpoint = \"https://s3.example\"\n")?;
+            assert_eq!(ok.storage.backend, StorageBackend::S3);
+            assert_eq!(ok.storage.lease_ttl, Duration::from_secs(30));
+            for (toml, says) in [
+                ("[storage]\nbackend = \"s3\"\n", "storage.bucket"),
+                (
+                    "[storage]\nbackend = \"s3\"\nbucket = \"b\"\nendpoint = \"http://s3:8333\"\n",
+                    "storage.endpoint",
+                ),
+                ("[storage]\nbackend = \"s3\"\nbucket = \"b\"\nprefix = \"../x\"\n", "storage.prefix"),
+                ("[storage]\nbackend = \"s3\"\nbucket = \"b\"\nlease_ttl = \"0s\"\n", "storage.lease_ttl"),
+                ("[storage]\nbackend = \"s4\"\n", "backend"),
+            ] {
+                let err = load(toml).expect_err(toml);
+                assert!(err.contains(says), "{toml}: {err}");
+            }
+            let insecure = "[storage]\nbackend = \"s3\"\nbucket = \"b\"\nendpoint = \"http://s3:8333\"\ninsecure = true\n";
+            assert!(load(insecure).is_ok());
+            // From the environment too, and the secret never in Debug output.
+            jail.set_env("WHARF_STORAGE__SECRET_ACCESS_KEY", "hunter2");
+            let c = load(insecure)?;
+            assert_eq!(c.storage.secret_access_key, Some(Secret("hunter2".into())));
+            assert!(!format!("{c:?}").contains("hunter2"));
             Ok(())
         });
     }

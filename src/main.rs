@@ -720,12 +720,12 @@ fn check_config(file: &Path) -> Res {
     Ok(())
 }
 
-/// Replaces every `password` value with a placeholder.
+/// Replaces every credential (`password`, `secret_access_key`) with a placeholder.
 fn redact(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, x) in m.iter_mut() {
-                if k == "password" && !x.is_null() {
+                if (k == "password" || k == "secret_access_key") && !x.is_null() {
                     *x = "<redacted>".into();
                 } else {
                     redact(x);

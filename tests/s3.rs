@@ -135,6 +135,19 @@ async fn an_image_one_replica_cached_is_served_by_the_others_and_by_a_stock_regi
     assert_eq!(common::layout_top_digest(&out), v1.index);
     assert_eq!(common::layout_blobs(&out), common::layout_blobs(&pa));
     common::stop_child(&mut dist);
+
+    // The secret key is never printed: not by check-config, not in any replica's log.
+    let out = std::process::Command::new(common::wharf_bin())
+        .arg("check-config")
+        .arg(&a.config)
+        .output()
+        .expect("check-config");
+    let effective = common::succeeded(&out, "check-config");
+    assert!(effective.contains("\"secret_access_key\": \"<redacted>\""), "{effective}");
+    for w in [&a, &b, &c] {
+        assert!(!w.log().contains(SECRET_KEY));
+    }
+    assert!(!effective.contains(SECRET_KEY));
 }
 
 async fn get_blob(w: &Wharf, repo: &str, digest: &str) -> (u16, Vec<u8>) {
