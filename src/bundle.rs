@@ -382,9 +382,8 @@ pub fn export<W: Write>(
             add(&mut tar, &name, bytes)?;
             report.bytes += bytes.len() as u64;
         } else {
-            let (f, size) = match store.open_blob(&d, None)? {
-                Some(crate::store::BlobRead::File { file, size }) => (file, size),
-                Some(_) => return Err(BundleError::Export(format!("blob {d}: not a local file"))),
+            let (f, size) = match store.open_blob_file(&d)? {
+                Some(f) => f,
                 None => {
                     return Err(BundleError::Export(format!("blob {d} left the cache during the export")))
                 }

@@ -48,7 +48,7 @@ async fn an_image_one_replica_cached_is_served_by_the_others_and_by_a_stock_regi
     let weed = Weed::start();
     let work = tempfile::tempdir().expect("tempdir");
     let v1 = reg.seed(work.path(), "v1", "demo/app:latest", LAYERS);
-    let (a, b, c) =
+    let (a, b, mut c) =
         (replica(&reg.url(), &weed, ""), replica(&reg.url(), &weed, ""), replica(&reg.url(), &weed, ""));
 
     let pa = work.path().join("pa");
@@ -148,6 +148,22 @@ async fn an_image_one_replica_cached_is_served_by_the_others_and_by_a_stock_regi
         assert!(!w.log().contains(SECRET_KEY));
     }
     assert!(!effective.contains(SECRET_KEY));
+
+    // An export from a stopped replica with nothing on its own disk: the blobs come from
+    // the bucket, verified, and the bundle holds the image whole.
+    assert!(c.stop().success());
+    std::fs::remove_dir_all(c.data.join("docker/registry/v2/blobs")).expect("empty C's local tier");
+    let bundle = work.path().join("v1.tar");
+    let out = c.cli(&["export", "-o", bundle.to_str().expect("utf-8"), &format!("demo/app@{}", v1.index)]);
+    common::succeeded(&out, "export from the bucket");
+    let listed = std::process::Command::new("tar").arg("tf").arg(&bundle).output().expect("tar");
+    let names = String::from_utf8_lossy(&listed.stdout).into_owned();
+    for blob in common::layout_blobs(&pa) {
+        assert!(
+            names.contains(&format!("blobs/sha256/{}", blob.trim_start_matches("sha256:"))),
+            "{blob} in the bundle"
+        );
+    }
 }
 
 async fn get_blob(w: &Wharf, repo: &str, digest: &str) -> (u16, Vec<u8>) {

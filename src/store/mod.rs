@@ -353,6 +353,21 @@ impl Store {
         Ok(self.blobs.open(d, range)?)
     }
 
+    /// A stored blob as a local file, whatever the backend (a shared bucket's blob is
+    /// downloaded and verified first).
+    pub fn open_blob_file(&self, d: &Digest) -> Result<Option<(File, u64)>, StoreError> {
+        if let Some(t) = &self.shared {
+            return Ok(t.open_file(d)?);
+        }
+        match self.blobs.open(d, None)? {
+            Some(BlobRead::File { file, size }) => Ok(Some((file, size))),
+            Some(BlobRead::Stream { .. }) => {
+                Err(StoreError::Io(io::Error::other(format!("blob {d}: not a local file"))))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Reads a small stored blob (a config) whole.
     pub fn read_blob(&self, d: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.blobs.read(d)?)

@@ -50,6 +50,23 @@ fn to_io(e: object_store::Error) -> io::Error {
     io::Error::new(kind, format!("{UNAVAILABLE}: {e}"))
 }
 
+/// An error for a request whose task ended without an answer.
+trait Lost {
+    fn lost() -> Self;
+}
+
+impl Lost for io::Error {
+    fn lost() -> Self {
+        io::Error::other(format!("{UNAVAILABLE}: the request to the store ended without an answer"))
+    }
+}
+
+impl Lost for object_store::Error {
+    fn lost() -> Self {
+        object_store::Error::Generic { store: "wharf", source: Box::new(io::Error::lost()) }
+    }
+}
+
 /// The bucket and how wharf uses it.
 pub struct Bucket {
     s3: Arc<AmazonS3>,
@@ -137,12 +154,16 @@ impl Bucket {
     }
 
     /// Runs `f` on the store's runtime and waits for it, from any thread.
-    fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+    fn run<T: Send + 'static, E: Lost + Send + 'static>(
+        &self,
+        f: impl Future<Output = Result<T, E>> + Send + 'static,
+    ) -> Result<T, E> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.spawn(async move {
             let _ = tx.send(f.await);
         });
-        let wait = move || rx.recv().expect("the store's runtime runs until the bucket is dropped");
+        // A request that panicked drops its sender: an error, not a panic here.
+        let wait = move || rx.recv().unwrap_or_else(|_| Err(E::lost()));
         // Called from a server worker (a cache lookup), the other tasks move elsewhere
         // while this one waits for the store.
         match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
@@ -658,6 +679,55 @@ impl Tiered {
     pub fn in_bucket(&self, d: &Digest) -> io::Result<Option<u64>> {
         lock(&self.known).remove(d);
         self.remote_size(d)
+    }
+
+    /// Blob `d` as a local file: the local tier's, or downloaded from the bucket into a
+    /// spool (verified, then kept in the tier when it fits). For readers that need a file
+    /// (an export).
+    pub fn open_file(&self, d: &Digest) -> io::Result<Option<(File, u64)>> {
+        if let Some(BlobRead::File { file, size }) = self.local.tree.open(d, None)? {
+            self.local.touch(d);
+            return Ok(Some((file, size)));
+        }
+        let Some(size) = self.remote_size(d)? else { return Ok(None) };
+        let spool = self.local.tree.spool()?;
+        let (s3, key, digest) = (self.bucket.s3.clone(), self.bucket.blob_key(d), d.clone());
+        let file = spool.file.try_clone()?;
+        let got = self.bucket.run(async move {
+            use std::io::Write;
+            let mut body = s3.get(&key).await.map_err(to_io)?.into_stream();
+            let (mut file, mut h, mut n) = (file, digest.hasher(), 0u64);
+            while let Some(c) = body.next().await {
+                let c = c.map_err(to_io)?;
+                h.update(&c);
+                n += c.len() as u64;
+                file = tokio::task::spawn_blocking(move || file.write_all(&c).map(|_| file))
+                    .await
+                    .map_err(io::Error::other)??;
+            }
+            Ok::<_, io::Error>((h.finish(), n))
+        });
+        let (got, n) = match got {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = fs::remove_file(&spool.path);
+                return Err(e);
+            }
+        };
+        if got != *d || n != size {
+            let _ = fs::remove_file(&spool.path);
+            return Err(io::Error::other(format!(
+                "{UNAVAILABLE}: blob {d} in the bucket does not match its digest"
+            )));
+        }
+        let file = File::open(&spool.path)?;
+        if self.local.max > 0 && n <= self.local.max / 4 {
+            self.local.admit(&spool.path, d, n)?;
+        } else {
+            // Open, then gone from the directory: the reader keeps the bytes.
+            fs::remove_file(&spool.path)?;
+        }
+        Ok(Some((file, n)))
     }
 
     /// `body` (all of blob `d`), copied into the local tier as it passes when it fits.
