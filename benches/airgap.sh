@@ -123,18 +123,13 @@ for rep in $(seq "$REPS"); do
 done
 
 BYTES=$(stat -c %s "$GAP_BLOB")
-python3 - "$RESULTS" "$BYTES" <<'PY'
-import statistics, sys
-rows = {}
-for line in open(sys.argv[1]):
-    k, _, v = line.rstrip("\n").split("\t")
-    rows.setdefault(k, []).append(float(v))
-med = {k: statistics.median(v) for k, v in rows.items()}
+python3 - "$RESULTS" "$BYTES" "$BENCH_ROOT" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[3])
+from medians import load, table
+rows, med = load(sys.argv[1])
 gib = int(sys.argv[2]) / 2**30
-print(f"{'measure':<36} {'median':>10}   runs")
-for k, v in rows.items():
-    print(f"{k:<36} {med[k]:>10.3f}   {' '.join(f'{x:.3f}' for x in v)}")
-print()
+table(rows, med, 36)
 print(f"prefetch: wharf {med['prefetch_wharf_s']:.2f} s, skopeo sync {med['prefetch_skopeo_sync_s']:.2f} s: "
       f"{med['prefetch_wharf_s'] / med['prefetch_skopeo_sync_s']:.2f}x the time (goal <= 1.1x); "
       f"most origin GETs of one blob in a prefetch: {max(rows['prefetch_max_gets_per_blob']):.0f}")

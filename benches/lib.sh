@@ -99,6 +99,11 @@ YML
   [[ -z ${3:-} ]] || printf 'proxy:\n  remoteurl: %s\n' "$3"
 }
 
+# origin_config ROOT PORT: registry_config with the access log on (to count origin GETs).
+origin_config() {
+  registry_config "$1" "$2" | sed 's/disabled: true/disabled: false/'
+}
+
 # image NAME SEED SIZES [extra mkimage args]: a seeded image under $WORK/images, built once
 # and kept between runs, with its summary as NAME.json.
 image() {

@@ -74,19 +74,7 @@ done
 curl -sf -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" --user "$KEY:$SECRET" "$S3/wharf" >/dev/null
 
 mkdir -p "$RUN/origin"
-cat >"$RUN/origin/config.yml" <<YML
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $RUN/origin/store
-http:
-  addr: 127.0.0.1:$ORIGIN_PORT
-  secret: bench
-YML
+origin_config "$RUN/origin/store" "$ORIGIN_PORT" >"$RUN/origin/config.yml"
 docker-registry serve "$RUN/origin/config.yml" >>"$RUN/origin-access.log" 2>>"$RUN/origin.log" </dev/null &
 PIDS+=($!)
 ready "$ORIGIN/v2/" 30 || { say "origin did not start"; exit 1; }
@@ -176,18 +164,13 @@ for rep in $(seq "$REPS"); do
   record herd_origin_gets "$(tail -n +"$((lines + 1))" "$RUN/origin-access.log" | grep -c "GET /v2/bench/app/blobs/$HERD" || true)"
 done
 
-python3 - "$RESULTS" "$BYTES" <<'PY'
-import statistics, sys
-rows = {}
-for line in open(sys.argv[1]):
-    k, _, v = line.rstrip("\n").split("\t")
-    rows.setdefault(k, []).append(float(v))
-med = {k: statistics.median(v) for k, v in rows.items()}
+python3 - "$RESULTS" "$BYTES" "$BENCH_ROOT" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[3])
+from medians import load, table
+rows, med = load(sys.argv[1])
 mib = int(sys.argv[2]) / 2**20
-print(f"{'measure':<28} {'median':>10}   runs")
-for k, v in rows.items():
-    print(f"{k:<28} {med[k]:>10.3f}   {' '.join(f'{x:.3f}' for x in v)}")
-print()
+table(rows, med, 28)
 d = mib / med["big_direct_s"]
 for k, goal in [("big_wharf_cold_tier_s", 0.8), ("big_wharf_warm_tier_s", None), ("big_wharf_redirect_s", 0.95)]:
     r = mib / med[k]

@@ -769,7 +769,7 @@ impl Store {
 
     /// A presigned URL of blob `d` in the bucket, when redirects are on and it is there.
     pub fn blob_redirect(&self, d: &Digest) -> Result<Option<(String, u64)>, StoreError> {
-        let Some(t) = &self.shared else { return Ok(None) };
+        let Some(t) = self.shared.as_ref().filter(|t| t.bucket().redirects()) else { return Ok(None) };
         let Some(size) = t.stat(d)? else { return Ok(None) };
         Ok(t.bucket().presigned(d)?.map(|u| (u, size)))
     }

@@ -70,6 +70,9 @@ impl Lost for object_store::Error {
 /// The bucket and how wharf uses it.
 pub struct Bucket {
     s3: Arc<AmazonS3>,
+    /// The client of blob bodies streamed to clients, used from the server's runtime
+    /// (its pooled connections live there).
+    streams: Arc<AmazonS3>,
     /// `<prefix>/docker/registry/v2`, without slashes at either end.
     v2: String,
     /// `<prefix>/_wharf`: leases; distribution ignores it.
@@ -126,7 +129,8 @@ impl Bucket {
         if let Some(s) = cfg.resolved_secret().map_err(|e| invalid(e.to_string()))? {
             b = b.with_secret_access_key(s.0);
         }
-        let s3 = Arc::new(b.build().map_err(to_io)?);
+        let s3 = Arc::new(b.clone().build().map_err(to_io)?);
+        let streams = Arc::new(b.build().map_err(to_io)?);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("wharf-s3")
@@ -134,6 +138,7 @@ impl Bucket {
             .build()?;
         Ok(Bucket {
             s3,
+            streams,
             v2: join(&cfg.prefix, "docker/registry/v2"),
             own: join(&cfg.prefix, "_wharf"),
             rt: Some(rt),
@@ -268,24 +273,27 @@ impl Bucket {
     }
 
     /// Streams blob `d` (or the `(first, len)` part of it) from the bucket.
-    fn stream(&self, d: &Digest, size: u64, range: Option<(u64, u64)>) -> io::Result<Option<BlobRead>> {
-        let key = self.blob_key(d);
-        let s3 = self.s3.clone();
+    fn stream(&self, d: &Digest, size: u64, range: Option<(u64, u64)>) -> BlobRead {
+        let (key, s3) = (self.blob_key(d), self.streams.clone());
         let range = range.filter(|(first, len)| first.saturating_add(*len) <= size && *len > 0);
         let opts = GetOptions {
             range: range.map(|(first, len)| GetRange::Bounded(first..first + len)),
             ..Default::default()
         };
-        let res = self.run(async move { s3.get_opts(&key, opts).await });
-        let got = match res {
-            Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(to_io(e)),
-        };
-        let len = got.range.end - got.range.start;
-        // The body is polled by the caller's runtime; its connection lives on ours.
-        let body = got.into_stream().map(|r| r.map_err(to_io));
-        Ok(Some(BlobRead::Stream { body: Box::pin(body), size: len }))
+        // Sent when first polled, by the runtime that serves the client: the connection
+        // then lives there too, and each chunk does not cross between runtimes.
+        let body = futures_util::stream::once(async move { s3.get_opts(&key, opts).await })
+            .map(|got| match got {
+                Ok(g) => g.into_stream().map(|r| r.map_err(to_io)).left_stream(),
+                Err(e) => futures_util::stream::once(std::future::ready(Err(to_io(e)))).right_stream(),
+            })
+            .flatten();
+        BlobRead::Stream { body: Box::pin(body), size: range.map_or(size, |(_, len)| len) }
+    }
+
+    /// Whether blob GETs are redirected to the bucket.
+    pub fn redirects(&self) -> bool {
+        self.redirect_ttl.is_some()
     }
 
     /// A presigned GET of blob `d`, when redirects are on.
@@ -758,14 +766,8 @@ impl BlobBackend for Tiered {
             return Ok(Some(r));
         }
         let Some(size) = self.remote_size(d)? else { return Ok(None) };
-        match self.bucket.stream(d, size, range)? {
-            Some(r) if range.is_none() => Ok(Some(self.promoting(d, size, r))),
-            Some(r) => Ok(Some(r)),
-            None => {
-                lock(&self.known).remove(d);
-                Ok(None)
-            }
-        }
+        let r = self.bucket.stream(d, size, range);
+        Ok(Some(if range.is_none() { self.promoting(d, size, r) } else { r }))
     }
 
     fn read(&self, d: &Digest) -> io::Result<Option<Vec<u8>>> {
