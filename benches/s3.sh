@@ -52,7 +52,11 @@ image app-1 app-1 4K,64K,1M,4M,16M,32M
 image big big 1G --platforms linux/amd64 --no-attestations
 
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do halt "$p"; done; }
+# The run keeps its results and logs; its data (several GiB) goes.
+cleanup() {
+  for p in "${PIDS[@]}"; do halt "$p"; done
+  rm -rf "$RUN"/*/data "$RUN/weed" "$RUN/origin/store" "$RUN"/pulled-*
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -64,7 +68,7 @@ printf '{"identities":[{"name":"bench","credentials":[{"accessKey":"%s","secretK
   -s3.port=$S3_PORT -s3.port.grpc=$((PORT0 + 2)) -s3.port.iceberg=0 -s3.port.lance=0 \
   -master.port=$((PORT0 + 3)) -master.port.grpc=$((PORT0 + 4)) -volume.port=$((PORT0 + 5)) \
   -volume.port.grpc=$((PORT0 + 6)) -filer.port=$((PORT0 + 7)) -filer.port.grpc=$((PORT0 + 8)) \
-  -master.volumeSizeLimitMB=1024 -volume.max=40 -s3.config="$RUN/weed/s3.json" >"$RUN/weed.log" 2>&1 </dev/null &
+  -master.volumeSizeLimitMB=256 -volume.max=40 -s3.config="$RUN/weed/s3.json" >"$RUN/weed.log" 2>&1 </dev/null &
 PIDS+=($!)
 end=$((SECONDS + 60))
 until [[ $(curl -s -o /dev/null -m 2 -w '%{http_code}' "$S3/" || true) =~ ^[1-4] ]]; do

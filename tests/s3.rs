@@ -177,8 +177,13 @@ async fn a_herd_spread_over_three_replicas_fetches_a_cold_blob_from_the_upstream
     let reg = Registry::start();
     let weed = Weed::start();
     let digest = common::push::big_blob(&reg.url(), "demo/big", 7, 48 << 20).await;
-    let replicas =
-        [replica(&reg.url(), &weed, ""), replica(&reg.url(), &weed, ""), replica(&reg.url(), &weed, "")];
+    // Under a key prefix (distribution's rootdirectory), new to the bucket.
+    let prefix = "prefix = \"team-a/cache\"";
+    let replicas = [
+        replica(&reg.url(), &weed, prefix),
+        replica(&reg.url(), &weed, prefix),
+        replica(&reg.url(), &weed, prefix),
+    ];
     let mut clients = Vec::new();
     for i in 0..30 {
         let url = replicas[i % 3].url(&format!("/v2/demo/big/blobs/{digest}"));
@@ -205,7 +210,7 @@ async fn a_herd_spread_over_three_replicas_fetches_a_cold_blob_from_the_upstream
     eprintln!("herd of 30 over 3 replicas: {gets} upstream GET(s); {waits} replica waits, {fills} fills from the bucket");
     assert_eq!(gets, 1, "one upstream GET for the herd across the replicas");
     assert!(fills >= 1.0, "the other replicas filled from the bucket");
-    assert!(weed.exists(&blob_key(&digest)).await);
+    assert!(weed.exists(&format!("team-a/cache/{}", blob_key(&digest))).await);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -237,7 +242,7 @@ async fn a_replica_killed_mid_download_leaves_no_object_and_the_others_take_over
     assert!(stalled.await.expect("client task").is_err(), "A's client saw its transfer cut");
     assert!(!weed.exists(&blob_key(&big)).await, "no object under the blob's final key");
     assert!(
-        weed.keys("_wharf/leases/").await.iter().any(|k| k.ends_with(big.trim_start_matches("sha256:"))),
+        weed.keys("_wharf/leases/").await.iter().any(|k| k.ends_with(&big.replace(':', "-"))),
         "A's claim is left behind"
     );
 

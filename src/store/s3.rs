@@ -182,7 +182,7 @@ impl Bucket {
     }
 
     fn lease_key(&self, d: &Digest) -> Key {
-        Key::from(format!("{}/leases/{}/{}", self.own, d.algorithm().as_str(), d.hex()))
+        Key::from(format!("{}/leases/{}-{}", self.own, d.algorithm().as_str(), d.hex()))
     }
 
     fn head(&self, key: Key) -> io::Result<Option<object_store::ObjectMeta>> {
@@ -321,11 +321,26 @@ impl Bucket {
             let (s3, k) = (self.s3.clone(), key.clone());
             let body = PutPayload::from(self.replica.clone());
             let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-            match self.run(async move { s3.put_opts(&k, body, opts).await }) {
+            let failed = match self.run(async move { s3.put_opts(&k, body, opts).await }) {
                 Ok(_) => return Ok(Some(Lease::start(self.clone(), key))),
                 Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                    None
                 }
-                Err(e) => return Err(to_io(e)),
+                Err(e) => Some(e),
+            };
+            // Who holds it: a create retried after a lost answer says "exists" when the
+            // first try had in fact made it, and a failed one may have made it too; the
+            // holder's name is in the object.
+            match self.get(key.clone())? {
+                Some(holder) if holder.as_ref() == self.replica.as_bytes() => {
+                    return Ok(Some(Lease::start(self.clone(), key)))
+                }
+                Some(_) => {}
+                None => match failed {
+                    Some(e) => return Err(to_io(e)),
+                    // Released between our two requests: try again.
+                    None => continue,
+                },
             }
             match self.head(key.clone())? {
                 Some(m)

@@ -82,7 +82,7 @@ impl Weed {
             .arg(format!("-volume.port.grpc={vg}"))
             .arg(format!("-filer.port={filer}"))
             .arg(format!("-filer.port.grpc={fg}"))
-            .args(["-master.volumeSizeLimitMB=256", "-volume.max=40"])
+            .args(["-master.volumeSizeLimitMB=64", "-volume.max=40"])
             .arg(format!("-s3.config={}", self.dir.join("s3.json").display()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -92,7 +92,7 @@ impl Weed {
         super::reap_with_me(child.id());
         self.child = Some(child);
         let url = format!("{}/", self.endpoint());
-        super::wait_for(60, "SeaweedFS S3 to answer", || {
+        super::wait_for(120, "SeaweedFS S3 to answer", || {
             let out = Command::new("curl")
                 .args(["-s", "-o", "/dev/null", "-m", "2", "-w", "%{http_code}", &url])
                 .output()
