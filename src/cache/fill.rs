@@ -478,7 +478,7 @@ impl FillJob {
         let store = self.cache.store.clone();
         let deadline = tokio::time::Instant::now() + self.cache.lease_wait;
         let mut waited = false;
-        loop {
+        while store.is_shared() {
             let (s, d) = (store.clone(), self.digest.clone());
             let claim = super::blocking(move || s.claim_download(&d)).await?;
             match claim {
@@ -527,10 +527,21 @@ impl FillJob {
                 Ok(Some((Some(size), Box::pin(body.fuse()))))
             }
             Some(crate::store::BlobRead::File { file, size }) => {
-                let body = futures_util::stream::once(async move {
-                    tokio::task::spawn_blocking(move || read_at(&file, 0, size as usize))
-                        .await
-                        .map_err(io::Error::other)?
+                // In the local tier after all (stored since we looked): read in chunks.
+                let file = Arc::new(file);
+                let body = futures_util::stream::unfold(0u64, move |off| {
+                    let file = file.clone();
+                    async move {
+                        if off >= size {
+                            return None;
+                        }
+                        let len = (size - off).min(CHUNK as u64) as usize;
+                        let chunk = tokio::task::spawn_blocking(move || read_at(&file, off, len))
+                            .await
+                            .map_err(io::Error::other)
+                            .and_then(|r| r);
+                        Some((chunk, off + len as u64))
+                    }
                 });
                 Ok(Some((Some(size), Box::pin(body.fuse()))))
             }

@@ -376,7 +376,7 @@ impl Bucket {
         format!("{}/access/", self.own)
     }
 
-    /// Writes one batch of this replica's last-access times (`<hex>` → unix ms) as an
+    /// Writes one batch of this replica's last-access times (digest → unix ms) as an
     /// object of its own: replicas never write the same key.
     pub fn put_accesses(&self, times: &HashMap<Digest, u64>) -> io::Result<()> {
         let map: serde_json::Map<String, serde_json::Value> =
