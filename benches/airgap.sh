@@ -18,21 +18,8 @@ WORK=${BENCH_WORK:-/tmp/wharf-bench}
 ORIGIN_PORT=$PORT0
 ORIGIN=http://127.0.0.1:$ORIGIN_PORT
 
-need=()
-for t in docker-registry:docker-registry skopeo:skopeo curl:curl jq:jq; do
-  command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
-done
-if ((${#need[@]})); then
-  say "installing ${need[*]}"
-  sudo=""; [[ $(id -u) == 0 ]] || sudo=sudo
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
-fi
-say "building wharf (release)"
-(cd "$REPO" && cargo build --release --locked -q)
-WHARF=$REPO/target/release/wharf
-mkdir -p "$WORK/images"
-RUN=$WORK/airgap-$(date +%Y%m%dT%H%M%S)
-mkdir -p "$RUN"
+need_tools docker-registry:docker-registry skopeo:skopeo curl:curl jq:jq
+new_run airgap
 RESULTS=$RUN/results.tsv
 : >"$RESULTS"
 record() { printf '%s\t%s\t%s\n' "$1" "$rep" "$2" >>"$RESULTS"; }

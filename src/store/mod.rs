@@ -67,7 +67,7 @@ impl StoreError {
     /// condition, answered with 503 rather than as wharf's own fault.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            StoreError::Io(e) => e.to_string().starts_with(s3::UNAVAILABLE),
+            StoreError::Io(e) => e.get_ref().is_some_and(|inner| inner.is::<s3::Unavailable>()),
             _ => false,
         }
     }

@@ -39,15 +39,29 @@ const PART: usize = 16 * 1024 * 1024;
 /// Parts of one blob uploaded at a time.
 const PART_CONCURRENCY: usize = 4;
 
-/// How an error of the bucket begins (see [`super::StoreError::is_unavailable`]).
-pub const UNAVAILABLE: &str = "the shared object store failed";
+/// An error of the bucket: a transient condition of a service wharf depends on, not a
+/// fault of wharf's own (see [`super::StoreError::is_unavailable`]).
+#[derive(Debug)]
+pub struct Unavailable(String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the shared object store failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+fn unavailable(kind: io::ErrorKind, what: String) -> io::Error {
+    io::Error::new(kind, Unavailable(what))
+}
 
 fn to_io(e: object_store::Error) -> io::Error {
     let kind = match e {
         object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
         _ => io::ErrorKind::Other,
     };
-    io::Error::new(kind, format!("{UNAVAILABLE}: {e}"))
+    unavailable(kind, e.to_string())
 }
 
 /// An error for a request whose task ended without an answer.
@@ -57,7 +71,7 @@ trait Lost {
 
 impl Lost for io::Error {
     fn lost() -> Self {
-        io::Error::other(format!("{UNAVAILABLE}: the request to the store ended without an answer"))
+        unavailable(io::ErrorKind::Other, "the request to the store ended without an answer".into())
     }
 }
 
@@ -79,7 +93,8 @@ pub struct Bucket {
     own: String,
     /// The store's own runtime: callers are blocking threads, CLI commands and async tasks
     /// of the server's runtime alike, and none of them may drive the requests themselves.
-    rt: Option<tokio::runtime::Runtime>,
+    rt: tokio::runtime::Handle,
+    _rt: OwnRuntime,
     redirect_ttl: Option<Duration>,
     lease_ttl: Duration,
     /// Names this replica in the leases it holds.
@@ -141,7 +156,8 @@ impl Bucket {
             streams,
             v2: join(&cfg.prefix, "docker/registry/v2"),
             own: join(&cfg.prefix, "_wharf"),
-            rt: Some(rt),
+            rt: rt.handle().clone(),
+            _rt: OwnRuntime(Some(rt)),
             redirect_ttl: cfg.redirect.then_some(cfg.redirect_ttl),
             lease_ttl: cfg.lease_ttl,
             replica: format!("{}-{}-{}", hostname(), std::process::id(), now_ms()),
@@ -152,10 +168,7 @@ impl Bucket {
         &self,
         f: impl Future<Output = T> + Send + 'static,
     ) -> tokio::task::JoinHandle<T> {
-        match &self.rt {
-            Some(rt) => rt.spawn(f),
-            None => unreachable!("the runtime is taken only when the bucket is dropped"),
-        }
+        self.rt.spawn(f)
     }
 
     /// Runs `f` on the store's runtime and waits for it, from any thread.
@@ -362,10 +375,13 @@ impl Bucket {
     }
 }
 
-impl Drop for Bucket {
+/// Owns the store's runtime. Dropped from async code too, where waiting for the runtime's
+/// threads is refused: it is shut down in the background.
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnRuntime {
     fn drop(&mut self) {
-        // Dropped from async code too, where waiting for the runtime's threads is refused.
-        if let Some(rt) = self.rt.take() {
+        if let Some(rt) = self.0.take() {
             rt.shutdown_background();
         }
     }
@@ -739,9 +755,10 @@ impl Tiered {
         };
         if got != *d || n != size {
             let _ = fs::remove_file(&spool.path);
-            return Err(io::Error::other(format!(
-                "{UNAVAILABLE}: blob {d} in the bucket does not match its digest"
-            )));
+            return Err(unavailable(
+                io::ErrorKind::InvalidData,
+                format!("blob {d} in the bucket does not match its digest"),
+            ));
         }
         let file = File::open(&spool.path)?;
         if self.local.max > 0 && n <= self.local.max / 4 {
