@@ -62,7 +62,18 @@ until [[ $(curl -s -o /dev/null -m 2 -w '%{http_code}' "$S3/" || true) =~ ^[1-4]
   ((SECONDS < end)) || { say "SeaweedFS did not start"; exit 1; }
   sleep 0.2
 done
-curl -sf -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" --user "$KEY:$SECRET" "$S3/wharf" >/dev/null
+s3_call() { # method url [curl args]: the status code, 000 when no answer in 5 s
+  curl -s -o /dev/null -m 5 -w '%{http_code}' -X "$1" --aws-sigv4 "aws:amz:us-east-1:s3" --user "$KEY:$SECRET" \
+    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "${@:3}" "$2" || true
+}
+s3_call PUT "$S3/wharf" | grep -q 200 || { say "creating the bucket failed"; exit 1; }
+# The S3 port answers before the volume server has registered with the master; a write
+# meanwhile hangs for 30 s. Ready once a probe object can be written.
+until [[ $(s3_call PUT "$S3/wharf/_probe" --data-binary ready) == 200 ]]; do
+  ((SECONDS < end)) || { say "SeaweedFS does not accept writes"; exit 1; }
+  sleep 0.2
+done
+s3_call DELETE "$S3/wharf/_probe" >/dev/null
 
 mkdir -p "$RUN/origin"
 origin_config "$RUN/origin/store" "$ORIGIN_PORT" >"$RUN/origin/config.yml"

@@ -406,9 +406,18 @@ async fn eviction_on_the_bucket_runs_on_one_replica_and_counts_every_replicas_ac
     pull_all(&format!("{}/demo/new:1", a.host()), &work.path().join("p2")).expect("pull new through A");
     a.settled().await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    let p3_start = common::unix_ms();
     pull_all(&format!("{}/demo/old:1", b.host()), &work.path().join("p3")).expect("pull old again through B");
-    common::wait_until(30, "B's accesses in the bucket", || async {
-        (!weed.keys("_wharf/access/").await.is_empty()).then_some(())
+    // B writes its accesses in batches every 10 s; one from before this pull may already
+    // be there, so wait for the batch that holds this pull's.
+    common::wait_until(30, "B's accesses of this pull in the bucket", || async {
+        for key in weed.keys("_wharf/access/").await {
+            let batch: serde_json::Value = serde_json::from_slice(&weed.get(&key).await?).ok()?;
+            if old_layers.iter().all(|l| batch[l.as_str()].as_u64().is_some_and(|t| t >= p3_start)) {
+                return Some(());
+            }
+        }
+        None
     })
     .await;
 

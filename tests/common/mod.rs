@@ -62,6 +62,11 @@ pub async fn wait_until<T, F: std::future::Future<Output = Option<T>>>(
     }
 }
 
+/// Now, in milliseconds since the Unix epoch (wharf's access times).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }

@@ -40,23 +40,6 @@ impl Weed {
         let ports = [(); 8].map(|_| super::free_port());
         let mut w = Weed { child: None, s3_port: ports[0], ports, dir, _tmp: tmp };
         w.start_again();
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-X",
-                "PUT",
-                "--aws-sigv4",
-                "aws:amz:us-east-1:s3",
-            ])
-            .args(["--user", &format!("{ACCESS_KEY}:{SECRET_KEY}")])
-            .arg(format!("{}/{BUCKET}", w.endpoint()))
-            .output()
-            .expect("curl");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "bucket created");
         w
     }
 
@@ -91,15 +74,41 @@ impl Weed {
             .unwrap_or_else(|e| panic!("{} runs (scripts/test.sh installs it): {e}", weed_bin().display()));
         super::reap_with_me(child.id());
         self.child = Some(child);
+        // The S3 port answers seconds before the volume server has registered with the
+        // master (its first heartbeat can meet a master that is not yet leader, and it
+        // retries after 5 s); a write meanwhile hangs for 30 s and fails with 500. So the
+        // server is ready once the bucket exists and a probe object can be written.
         let url = format!("{}/", self.endpoint());
         super::wait_for(120, "SeaweedFS S3 to answer", || {
-            let out = Command::new("curl")
-                .args(["-s", "-o", "/dev/null", "-m", "2", "-w", "%{http_code}", &url])
-                .output()
-                .ok()?;
-            let code = String::from_utf8_lossy(&out.stdout).into_owned();
-            (code != "000").then_some(())
+            (self.s3_call("GET", &url, None) != "000").then_some(())
         });
+        let bucket = format!("{}/{BUCKET}", self.endpoint());
+        super::wait_for(120, "SeaweedFS to hold the bucket", || {
+            let code = self.s3_call("PUT", &bucket, None);
+            // 409: the bucket is there from before a restart.
+            (code == "200" || code == "409").then_some(())
+        });
+        let probe = format!("{bucket}/_probe");
+        super::wait_for(120, "SeaweedFS to accept a write", || {
+            (self.s3_call("PUT", &probe, Some("ready")) == "200").then_some(())
+        });
+        assert_eq!(self.s3_call("DELETE", &probe, None), "204", "probe object deleted");
+    }
+
+    /// One signed S3 request by curl (5 s at most); its status code, "000" when no answer.
+    fn s3_call(&self, method: &str, url: &str, body: Option<&str>) -> String {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-o", "/dev/null", "-m", "5", "-w", "%{http_code}", "-X", method])
+            .args(["--aws-sigv4", "aws:amz:us-east-1:s3"])
+            .args(["--user", &format!("{ACCESS_KEY}:{SECRET_KEY}")])
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"]);
+        if let Some(b) = body {
+            cmd.args(["--data-binary", b]);
+        }
+        match cmd.arg(url).output() {
+            Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+            Err(e) => panic!("curl: {e}"),
+        }
     }
 
     /// Stops the server at once (SIGKILL: its own shutdown takes tens of seconds).
@@ -156,6 +165,15 @@ impl Weed {
             .expect("list");
         keys.sort();
         keys
+    }
+
+    /// The object under `key`, if there is one.
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        match self.client().get(&object_store::path::Path::from(key)).await {
+            Ok(r) => Some(r.bytes().await.expect("object body").to_vec()),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => panic!("GET {key}: {e}"),
+        }
     }
 
     pub fn dir(&self) -> &Path {
