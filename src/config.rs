@@ -115,6 +115,11 @@ pub struct StorageConfig {
     /// How long a presigned URL is valid.
     #[serde(with = "humantime_serde")]
     pub redirect_ttl: Duration,
+    /// The endpoint clients reach the store at, named in presigned URLs, when it is not
+    /// `endpoint` (an in-cluster service name the nodes' container runtimes cannot
+    /// resolve); `endpoint` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_endpoint: Option<Url>,
     /// Bytes of blobs this replica keeps on its own disk, to serve them without the store
     /// (and with sendfile); 0 keeps none.
     pub local_max_size: ByteSize,
@@ -149,6 +154,7 @@ impl Default for StorageConfig {
             ca_file: None,
             redirect: false,
             redirect_ttl: Duration::from_secs(300),
+            redirect_endpoint: None,
             local_max_size: ByteSize(10 << 30),
             lease_ttl: Duration::from_secs(30),
             lease_wait: Duration::from_secs(600),
@@ -733,6 +739,9 @@ impl Config {
                     "storage.endpoint: an https:// URL (http:// only with storage.insecure = true)".into(),
                 ));
             }
+            if st.redirect_endpoint.as_ref().is_some_and(|u| !matches!(u.scheme(), "https" | "http")) {
+                return Err(ConfigError::Invalid("storage.redirect_endpoint: an http(s):// URL".into()));
+            }
             if st.bucket.is_empty() {
                 return Err(ConfigError::Invalid("storage.bucket: required with backend = \"s3\"".into()));
             }
@@ -943,6 +952,10 @@ mod tests {
                 ),
                 ("[storage]\nbackend = \"s3\"\nbucket = \"b\"\nprefix = \"../x\"\n", "storage.prefix"),
                 ("[storage]\nbackend = \"s3\"\nbucket = \"b\"\nlease_ttl = \"0s\"\n", "storage.lease_ttl"),
+                (
+                    "[storage]\nbackend = \"s3\"\nbucket = \"b\"\nredirect_endpoint = \"ftp://s3\"\n",
+                    "storage.redirect_endpoint",
+                ),
                 ("[storage]\nbackend = \"s4\"\n", "backend"),
             ] {
                 let err = load(toml).expect_err(toml);

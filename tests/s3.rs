@@ -307,6 +307,27 @@ async fn a_stopped_object_store_leaves_the_local_tier_served_and_answers_503_for
     }
 }
 
+/// The Location of a blob GET through `w`, which must answer 307.
+async fn presigned_location(w: &Wharf, digest: &str) -> String {
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+        .get(w.url(&format!("/v2/library/demo/blobs/{digest}")))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 307);
+    r.headers()["location"].to_str().expect("location").to_owned()
+}
+
+/// A GET of a presigned URL: its status and the sha256 of its body.
+async fn get_presigned(url: &str) -> (u16, String) {
+    let r = reqwest::get(url).await.expect("presigned GET");
+    let status = r.status().as_u16();
+    (status, common::image::sha256(&r.bytes().await.expect("bytes")))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn redirect_mode_is_followed_by_skopeo_containerd_and_the_docker_daemon() {
     let reg = Registry::start();
@@ -326,20 +347,22 @@ async fn redirect_mode_is_followed_by_skopeo_containerd_and_the_docker_daemon() 
     pull_all(&format!("{}/library/demo:latest", a.host()), &pa).expect("pull through A");
     a.settled().await;
 
-    let r = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
-        .get(b.url(&format!("/v2/library/demo/blobs/{}", img.blobs[0])))
-        .send()
-        .await
-        .expect("GET");
-    assert_eq!(r.status(), 307);
-    let loc = r.headers()["location"].to_str().expect("location").to_owned();
-    assert!(loc.starts_with(&weed.endpoint()) && loc.contains("X-Amz-Signature="), "{loc}");
-    let direct = reqwest::get(&loc).await.expect("presigned GET");
-    assert_eq!(direct.status(), 200);
-    assert_eq!(common::image::sha256(&direct.bytes().await.expect("bytes")), img.blobs[0]);
+    // B answers a presigned URL of the object, which the store serves.
+    let loc = presigned_location(&b, &img.blobs[0]).await;
+    assert!(loc.starts_with(&format!("{}/", weed.endpoint())) && loc.contains("X-Amz-Signature="), "{loc}");
+    assert_eq!(get_presigned(&loc).await, (200, img.blobs[0].clone()));
+    // With redirect_endpoint, the URL names the address clients reach the store at and
+    // is signed for it (SeaweedFS checks the signature against the Host it is sent to).
+    let public = format!("http://localhost:{}", weed.s3_port);
+    let c = Wharf::with_config(&format!(
+        "[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ninsecure = true\n{}",
+        reg.url(),
+        weed.storage_toml(&format!("redirect = true\nredirect_endpoint = \"{public}\""))
+    ));
+    let loc = presigned_location(&c, &img.blobs[0]).await;
+    assert!(loc.starts_with(&format!("{public}/")), "{loc}");
+    assert_eq!(get_presigned(&loc).await, (200, img.blobs[0].clone()), "signed for the public endpoint");
+    drop(c);
 
     let pb = work.path().join("pb");
     pull_all(&format!("{}/library/demo:latest", b.host()), &pb).expect("skopeo through B");

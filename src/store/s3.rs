@@ -87,6 +87,8 @@ pub struct Bucket {
     /// The client of blob bodies streamed to clients, used from the server's runtime
     /// (its pooled connections live there).
     streams: Arc<AmazonS3>,
+    /// Signs presigned URLs: names the endpoint clients reach (`redirect_endpoint`).
+    signer: Arc<AmazonS3>,
     /// `<prefix>/docker/registry/v2`, without slashes at either end.
     v2: String,
     /// `<prefix>/_wharf`: leases; distribution ignores it.
@@ -145,6 +147,13 @@ impl Bucket {
             b = b.with_secret_access_key(s.0);
         }
         let s3 = Arc::new(b.clone().build().map_err(to_io)?);
+        // Signing makes no request: a client of its own only names another endpoint.
+        let signer = match &cfg.redirect_endpoint {
+            Some(e) => {
+                Arc::new(b.clone().with_endpoint(e.as_str().trim_end_matches('/')).build().map_err(to_io)?)
+            }
+            None => s3.clone(),
+        };
         let streams = Arc::new(b.build().map_err(to_io)?);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -154,6 +163,7 @@ impl Bucket {
         Ok(Bucket {
             s3,
             streams,
+            signer,
             v2: join(&cfg.prefix, "docker/registry/v2"),
             own: join(&cfg.prefix, "_wharf"),
             rt: rt.handle().clone(),
@@ -312,7 +322,7 @@ impl Bucket {
     /// A presigned GET of blob `d`, when redirects are on.
     pub fn presigned(&self, d: &Digest) -> io::Result<Option<String>> {
         let Some(ttl) = self.redirect_ttl else { return Ok(None) };
-        let (s3, key) = (self.s3.clone(), self.blob_key(d));
+        let (s3, key) = (self.signer.clone(), self.blob_key(d));
         let url =
             self.run(async move { s3.signed_url(http::Method::GET, &key, ttl).await }).map_err(to_io)?;
         Ok(Some(url.to_string()))

@@ -60,6 +60,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $s3 := .Values.storage.s3 -}}
 {{- $st := dict "backend" "s3" "bucket" (required "storage.s3.bucket is required with storage.backend=s3" $s3.bucket) "region" $s3.region "prefix" $s3.prefix "path_style" $s3.pathStyle "insecure" $s3.insecure "redirect" $s3.redirect "redirect_ttl" $s3.redirectTTL "local_max_size" (include "wharf.maxSize" .) -}}
 {{- with $s3.endpoint -}}{{- $_ := set $st "endpoint" . -}}{{- end -}}
+{{- with $s3.redirectEndpoint -}}{{- $_ := set $st "redirect_endpoint" . -}}{{- end -}}
 {{- if $s3.caSecret -}}{{- $_ := set $st "ca_file" (printf "/etc/wharf/storage-ca/%s" $s3.caKey) -}}{{- end -}}
 {{- $_ := set $cfg "storage" $st -}}
 {{- if not (hasKey $cache "max_size") -}}
