@@ -478,4 +478,18 @@ async fn eviction_on_the_bucket_runs_on_one_replica_and_counts_every_replicas_ac
     }
     assert!(report["cache_bytes_before"].as_u64() > Some(1 << 20), "both images counted: {report}");
     assert!(report["cache_bytes_after"].as_u64().unwrap_or(u64::MAX) <= 1 << 20, "{report}");
+
+    // The next collection drops the evicted blobs' times from the bucket's merge of
+    // access times, which keeps those it still holds: it does not grow with every blob
+    // ever cached.
+    common::succeeded(&a.cli(&["gc", "--json"]), "gc again");
+    let merged: serde_json::Value =
+        serde_json::from_slice(&weed.get("_wharf/access/merged.json").await.expect("merged access times"))
+            .expect("json");
+    for l in &removed {
+        assert!(merged.get(l).is_none(), "{l} evicted, its time dropped: {merged}");
+    }
+    for l in &old_layers {
+        assert!(merged[l.as_str()].as_u64().is_some(), "{l} kept with its time: {merged}");
+    }
 }

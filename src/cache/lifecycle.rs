@@ -285,7 +285,7 @@ impl Cache {
         let Some(_job) = self.store.claim_job("gc")? else {
             return self.fits(incoming, before_download);
         };
-        self.store.merge_shared_access()?;
+        self.store.merge_shared_access(false)?;
         self.evict_locked(incoming, report, before_download)
     }
 
@@ -396,12 +396,13 @@ impl Cache {
                 report.skipped = Some("another replica is collecting the shared bucket".into());
                 return Ok(report);
             };
-            if self.store.is_shared() {
+            let synced = self.store.is_shared();
+            if synced {
                 self.store.sync()?;
                 report.cache_bytes_before = self.store.totals().1;
             }
             self.store.flush_access()?;
-            self.store.merge_shared_access()?;
+            self.store.merge_shared_access(synced)?;
             let too_young = now_ms().saturating_sub(self.policy.min_age.as_millis() as u64);
             let entries = self.store.blob_entries()?;
             let mut referenced = HashSet::new();

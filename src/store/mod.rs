@@ -476,10 +476,12 @@ impl Store {
     }
 
     /// Takes every replica's last-access times from the shared bucket into the index, so
-    /// eviction here sees what was used anywhere. Nothing without a bucket.
-    pub fn merge_shared_access(&self) -> Result<(), StoreError> {
+    /// eviction here sees what was used anywhere. Nothing without a bucket. With
+    /// `synced` (the index was just synced with the bucket), the times of blobs the index
+    /// does not hold are dropped from the bucket's merge: those blobs are gone.
+    pub fn merge_shared_access(&self, synced: bool) -> Result<(), StoreError> {
         let Some(t) = &self.shared else { return Ok(()) };
-        let times = t.bucket().collect_accesses()?;
+        let times = t.bucket().collect_accesses(|d| !synced || !matches!(self.index.blob(d), Ok(None)))?;
         self.merge_access(&times)
     }
 

@@ -414,8 +414,10 @@ impl Bucket {
 
     /// Every replica's last-access times: the batches written since, merged with the
     /// last merge, which is written back (`merged.json`) before the batches it took in
-    /// are deleted. Run by the replica holding the `gc` lease.
-    pub fn collect_accesses(&self) -> io::Result<HashMap<Digest, u64>> {
+    /// are deleted. Run by the replica holding the `gc` lease. Digests `keep` refuses
+    /// (blobs gone from the bucket) are dropped, so the merge does not grow with every
+    /// blob ever cached.
+    pub fn collect_accesses(&self, keep: impl Fn(&Digest) -> bool) -> io::Result<HashMap<Digest, u64>> {
         let prefix = self.access_prefix();
         let merged_key = format!("{prefix}merged.json");
         let mut times: HashMap<Digest, u64> = HashMap::new();
@@ -439,7 +441,9 @@ impl Bucket {
                 merge(&b);
             }
         }
-        if !batches.is_empty() {
+        let before = times.len();
+        times.retain(|d, _| keep(d));
+        if !batches.is_empty() || times.len() < before {
             let map: serde_json::Map<String, serde_json::Value> =
                 times.iter().map(|(d, t)| (d.to_string(), serde_json::Value::from(*t))).collect();
             self.put(
