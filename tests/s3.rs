@@ -58,6 +58,7 @@ async fn an_image_one_replica_cached_is_served_by_the_others_and_by_a_stock_regi
     for blob in &v1.blobs {
         assert!(weed.exists(&blob_key(blob)).await, "{blob} is in the bucket");
     }
+    ranges_come_from_the_bucket(&c, &pa).await;
     // The tag moves upstream; B sees it (one HEAD), A does not ask again.
     let v2 = reg.seed(work.path(), "v2", "demo/app:latest", LAYERS);
     let r = reqwest::Client::new()
@@ -164,6 +165,35 @@ async fn an_image_one_replica_cached_is_served_by_the_others_and_by_a_stock_regi
             "{blob} in the bundle"
         );
     }
+}
+
+/// Ranged GETs through `w` of the largest blob of layout `pulled`, which only the bucket
+/// holds: each answered 206 with the part (a stream cannot be cut by wharf: the store
+/// sent just that part), or 416 past the end.
+async fn ranges_come_from_the_bucket(w: &Wharf, pulled: &std::path::Path) {
+    let blobs = pulled.join("blobs/sha256");
+    let layer = common::layout_blobs(pulled)
+        .into_iter()
+        .max_by_key(|d| std::fs::metadata(blobs.join(d.trim_start_matches("sha256:"))).map_or(0, |m| m.len()))
+        .expect("a blob");
+    let whole = std::fs::read(blobs.join(layer.trim_start_matches("sha256:"))).expect("blob bytes");
+    let len = whole.len();
+    assert!(!common::in_tree(&w.data, &layer), "not on the replica's own disk");
+    let client = reqwest::Client::new();
+    let url = w.url(&format!("/v2/demo/app/blobs/{layer}"));
+    for (range, first, last) in [
+        ("bytes=100-199".to_owned(), 100, 199),
+        ("bytes=-10".to_owned(), len - 10, len - 1),
+        (format!("bytes={}-", len - 5), len - 5, len - 1),
+    ] {
+        let r = client.get(&url).header("range", &range).send().await.expect("ranged GET");
+        assert_eq!(r.status(), 206, "{range}");
+        assert_eq!(r.headers()["content-range"], format!("bytes {first}-{last}/{len}").as_str(), "{range}");
+        assert_eq!(r.bytes().await.expect("body").as_ref(), &whole[first..=last], "{range}");
+    }
+    let r = client.get(&url).header("range", format!("bytes={len}-")).send().await.expect("ranged GET");
+    assert_eq!(r.status(), 416, "a range past the end");
+    assert!(!common::in_tree(&w.data, &layer), "a part is not kept as the blob");
 }
 
 async fn get_blob(w: &Wharf, repo: &str, digest: &str) -> (u16, Vec<u8>) {

@@ -19,7 +19,7 @@ pub use route::{parse as parse_route, Route};
 
 use crate::analytics::ManifestServed;
 use crate::auth::{Access, Identity};
-use crate::cache::{read_at, BlobBody, Lease, ServedManifest};
+use crate::cache::{read_at, BlobBody, ByteRange, Lease, RangeSpec, ServedManifest};
 use crate::oci::{
     default_platform_child, is_index, Digest, Reference, RepoName, Tag, OCI_INDEX, OCI_MANIFEST,
 };
@@ -576,7 +576,7 @@ async fn prefetch(
             Ok(r)
         }
         route::Prefetch::Blob(d) => {
-            let answer = state.cache.blob(up, name, &d, true).await;
+            let answer = state.cache.blob(up, name, &d, None, true).await;
             let answer = match answer {
                 Ok(a) => a,
                 Err(e) => {
@@ -723,8 +723,12 @@ async fn blob_get(
     req: &Ctx<'_>,
 ) -> Result<Response<Body>, ApiError> {
     let range = req.headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let answer =
-        state.cache.blob(up, name, d, range.is_some()).await.map_err(|e| ApiError::from_cache(e, true))?;
+    let spec = range.as_deref().and_then(parse_range_spec);
+    let answer = state
+        .cache
+        .blob(up, name, d, spec, range.is_some())
+        .await
+        .map_err(|e| ApiError::from_cache(e, true))?;
     state.analytics.blob_served(&up.name, answer.result.as_str());
     let from_cache = answer.result == crate::cache::BlobResult::Hit;
     match answer.body {
@@ -736,7 +740,10 @@ async fn blob_get(
             let size = bytes.len() as u64;
             serve_file(state, Source::Bytes(bytes), size, d, range.as_deref(), None, from_cache)
         }
-        BlobBody::Stream { body, size, lease } => {
+        BlobBody::Stream { body, size, part, lease } => {
+            if part.is_none() && spec.is_some_and(|s| s.resolve(size) == ByteRange::Unsatisfiable) {
+                return Err(ApiError::RangeNotSatisfiable(size));
+            }
             // The backend cut the range only if it could; a client asking for part of a
             // blob may be sent all of it (200), which every registry client handles.
             let analytics = state.analytics.clone();
@@ -749,6 +756,10 @@ async fn blob_get(
             });
             let mut r = Response::new(body::stream(counted));
             blob_headers(r.headers_mut(), d, Some(size));
+            if let Some((first, whole)) = part {
+                *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+                content_range(r.headers_mut(), first, size, whole);
+            }
             Ok(r)
         }
         BlobBody::Redirect { url, .. } => {
@@ -775,50 +786,35 @@ async fn blob_get(
     }
 }
 
-/// A byte range asked for with `Range: bytes=…`.
-#[derive(Debug, PartialEq)]
-enum ByteRange {
-    /// Serve everything (no header, several ranges, or one we cannot parse).
-    Whole,
-    /// First and last byte, inclusive.
-    Part(u64, u64),
-    Unsatisfiable,
+/// A `Range: bytes=…` header's one range; `None` serves everything (several ranges, or
+/// one we cannot parse).
+fn parse_range_spec(h: &str) -> Option<RangeSpec> {
+    let spec = h.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        return b.parse::<u64>().ok().map(RangeSpec::Suffix);
+    }
+    let first = a.parse::<u64>().ok()?;
+    if b.is_empty() {
+        return Some(RangeSpec::From(first, None));
+    }
+    match b.parse::<u64>() {
+        Ok(last) if last >= first => Some(RangeSpec::From(first, Some(last))),
+        _ => None,
+    }
 }
 
 fn parse_range(h: Option<&str>, size: u64) -> ByteRange {
-    let Some(spec) = h.and_then(|h| h.trim().strip_prefix("bytes=")) else {
-        return ByteRange::Whole;
-    };
-    if spec.contains(',') {
-        return ByteRange::Whole;
-    }
-    let Some((a, b)) = spec.split_once('-') else {
-        return ByteRange::Whole;
-    };
-    let (a, b) = (a.trim(), b.trim());
-    if a.is_empty() {
-        return match b.parse::<u64>() {
-            Ok(0) => ByteRange::Unsatisfiable,
-            Ok(_) if size == 0 => ByteRange::Unsatisfiable,
-            Ok(n) => ByteRange::Part(size.saturating_sub(n), size - 1),
-            Err(_) => ByteRange::Whole,
-        };
-    }
-    let Ok(start) = a.parse::<u64>() else {
-        return ByteRange::Whole;
-    };
-    let end = if b.is_empty() {
-        size.saturating_sub(1)
-    } else {
-        match b.parse::<u64>() {
-            Ok(e) if e >= start => e.min(size.saturating_sub(1)),
-            _ => return ByteRange::Whole,
-        }
-    };
-    if start >= size {
-        ByteRange::Unsatisfiable
-    } else {
-        ByteRange::Part(start, end)
+    h.and_then(parse_range_spec).map_or(ByteRange::Whole, |s| s.resolve(size))
+}
+
+fn content_range(h: &mut HeaderMap, first: u64, len: u64, whole: u64) {
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{}", first, first + len - 1, whole)) {
+        h.insert(header::CONTENT_RANGE, v);
     }
 }
 
@@ -874,9 +870,7 @@ fn serve_file(
     let h = r.headers_mut();
     blob_headers(h, d, Some(len));
     if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{}", start, start + len - 1, size)) {
-            h.insert(header::CONTENT_RANGE, v);
-        }
+        content_range(h, start, len, size);
     }
     Ok(r)
 }

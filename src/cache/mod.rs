@@ -106,6 +106,38 @@ impl BlobResult {
     }
 }
 
+/// One byte range a client asked for (`Range: bytes=…`), before the blob's size is known.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RangeSpec {
+    /// `first-` (to the end) or `first-last`.
+    From(u64, Option<u64>),
+    /// `-n`: the last `n` bytes.
+    Suffix(u64),
+}
+
+/// A [`RangeSpec`] against a blob of known size.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ByteRange {
+    Whole,
+    /// First and last byte, inclusive.
+    Part(u64, u64),
+    Unsatisfiable,
+}
+
+impl RangeSpec {
+    pub fn resolve(self, size: u64) -> ByteRange {
+        match self {
+            RangeSpec::Suffix(0) => ByteRange::Unsatisfiable,
+            RangeSpec::Suffix(_) if size == 0 => ByteRange::Unsatisfiable,
+            RangeSpec::Suffix(n) => ByteRange::Part(size.saturating_sub(n), size - 1),
+            RangeSpec::From(first, _) if first >= size => ByteRange::Unsatisfiable,
+            RangeSpec::From(first, last) => {
+                ByteRange::Part(first, last.map_or(size - 1, |l| l.min(size - 1)))
+            }
+        }
+    }
+}
+
 /// Where a blob's bytes come from.
 pub enum BlobBody {
     /// A stored blob in a local file (read at offsets; `sendfile` works on it). The lease
@@ -113,10 +145,12 @@ pub enum BlobBody {
     File { file: File, size: u64, lease: Option<Lease> },
     /// A small blob held in memory.
     Bytes(bytes::Bytes),
-    /// A stored blob streamed from the backend (already cut to the range asked for).
+    /// A stored blob streamed from the backend: `size` bytes, the whole blob, or with
+    /// `part` = (first byte, the blob's size) the range asked for.
     Stream {
         body: std::pin::Pin<Box<dyn futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>,
         size: u64,
+        part: Option<(u64, u64)>,
         lease: Lease,
     },
     /// A download in flight: streamed to the client as it arrives.
@@ -482,19 +516,22 @@ impl Cache {
     }
 
     /// A blob to GET: the stored blob, or a download in flight (started if need be). With
-    /// `ranged` (the client asked for part of it), a download is waited for until verified
-    /// and its spool served: a range of unverified bytes cannot be vouched for.
+    /// `verified` (the client asked for part of it), a download is waited for until
+    /// verified and its spool served: a range of unverified bytes cannot be vouched for.
+    /// A stored blob the backend streams is cut to `range` there; a local file is cut by
+    /// the caller.
     pub async fn blob(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
         name: &RepoName,
         d: &Digest,
-        ranged: bool,
+        range: Option<RangeSpec>,
+        verified: bool,
     ) -> Result<BlobAnswer, CacheError> {
         let key = RepoKey::new(&up.name, name);
         let mut slot = None;
         loop {
-            if let Some(body) = self.cached_blob(&key, d)? {
+            if let Some(body) = self.cached_blob(&key, d, range)? {
                 return Ok(BlobAnswer { body, result: BlobResult::Hit });
             }
             let (fill, joined) = match self.join_or_start_fill(up, name, &key, d, &mut slot)? {
@@ -513,7 +550,7 @@ impl Cache {
                 BlobResult::Miss
             };
             self.store.touch(d);
-            if ranged {
+            if verified {
                 let (file, size) = fill.verified().await?;
                 return Ok(BlobAnswer { body: BlobBody::File { file, size, lease: None }, result });
             }
@@ -543,7 +580,12 @@ impl Cache {
         }
     }
 
-    fn cached_blob(&self, key: &RepoKey, d: &Digest) -> Result<Option<BlobBody>, CacheError> {
+    fn cached_blob(
+        &self,
+        key: &RepoKey,
+        d: &Digest,
+        range: Option<RangeSpec>,
+    ) -> Result<Option<BlobBody>, CacheError> {
         if let Some((url, size)) = self.store.blob_redirect(d)? {
             self.link_served(key, d);
             self.store.touch(d);
@@ -556,7 +598,17 @@ impl Cache {
         }
         // Leased before it is opened, so eviction cannot slip in between.
         let lease = self.leases.take(d);
-        match self.store.open_blob(d, None)? {
+        // A backend that streams the blob cuts the part asked for (a local file is opened
+        // whole); which part needs the size, which the store knows without reading.
+        let part = match range.map(|r| (r, self.store.blob_size(d))) {
+            Some((r, Ok(Some(size)))) => match r.resolve(size) {
+                ByteRange::Part(first, last) => Some((first, last - first + 1, size)),
+                ByteRange::Whole | ByteRange::Unsatisfiable => None,
+            },
+            Some((_, Err(e))) => return Err(e.into()),
+            _ => None,
+        };
+        match self.store.open_blob(d, part.map(|(first, len, _)| (first, len)))? {
             Some(BlobRead::File { file, size }) => {
                 self.link_served(key, d);
                 self.store.touch(d);
@@ -571,7 +623,8 @@ impl Cache {
             Some(BlobRead::Stream { body, size }) => {
                 self.link_served(key, d);
                 self.store.touch(d);
-                Ok(Some(BlobBody::Stream { body, size, lease }))
+                let part = part.filter(|(_, len, _)| *len == size).map(|(first, _, whole)| (first, whole));
+                Ok(Some(BlobBody::Stream { body, size, part, lease }))
             }
             None => Ok(None),
         }
