@@ -295,19 +295,33 @@ async fn a_stopped_object_store_leaves_the_local_tier_served_and_answers_503_for
     let mut weed = Weed::start();
     let work = tempfile::tempdir().expect("tempdir");
     let img = reg.seed_with(work.path(), "v1", "demo/app:latest", LAYERS, false);
-    let (a, b) = (replica(&reg.url(), &weed, ""), replica(&reg.url(), &weed, ""));
+    let (mut a, b) = (replica(&reg.url(), &weed, ""), replica(&reg.url(), &weed, ""));
     let pa = work.path().join("pa");
     pull_all(&format!("{}/demo/app:latest", a.host()), &pa).expect("pull through A");
     a.settled().await;
     let layers: Vec<String> = img.blobs.iter().filter(|d| !d.is_empty()).cloned().collect();
 
     weed.stop();
-    // A has every blob in its local tier; B has none of them.
-    for d in &layers {
-        let (status, body) = get_blob(&a, "demo/app", d).await;
-        assert_eq!(status, 200, "A serves {d} from its local tier");
-        assert_eq!(&common::image::sha256(&body), d);
+    // A has every blob in its local tier, and keeps serving them after a crash and a
+    // restart while the store is down; B has none of them.
+    for restarted in [false, true] {
+        if restarted {
+            a.kill9();
+            a.start_again();
+        }
+        for d in &layers {
+            let (status, body) = get_blob(&a, "demo/app", d).await;
+            assert_eq!(status, 200, "A (restarted: {restarted}) serves {d} from its local tier");
+            assert_eq!(&common::image::sha256(&body), d);
+        }
     }
+    // A replica that never reached the store has nothing to serve: it refuses to start,
+    // naming the store.
+    let fresh = tempfile::tempdir().expect("tempdir");
+    let out = common::wharf_cli(&b.config, fresh.path(), &["serve", "--listen", "127.0.0.1:0"]);
+    assert!(!out.status.success(), "a first start without the store fails");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("object store"), "{err}");
     let r = reqwest::get(b.url(&format!("/v2/demo/app/blobs/{}", layers[0]))).await.expect("GET");
     assert_eq!(r.status(), 503);
     let err: serde_json::Value = r.json().await.expect("OCI error JSON");

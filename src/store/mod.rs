@@ -310,10 +310,25 @@ impl Store {
             _lock: lock,
         };
         match (store.index.is_built()?, clean) {
-            _ if store.shared.is_some() => {
-                let stats = store.sync()?;
-                tracing::info!(?stats, "index built from the shared bucket");
-            }
+            (built, _) if store.shared.is_some() => match store.sync() {
+                Ok(stats) => tracing::info!(?stats, "index built from the shared bucket"),
+                // A replica restarted while the store is down serves what its last run
+                // indexed and holds on its own disk; the periodic sync catches up once the
+                // store is back. A first start has nothing to serve and fails, so a wrong
+                // endpoint, bucket or key shows at once.
+                Err(e) if built && e.is_unavailable() => {
+                    let (mut blobs, mut bytes) = (0, 0);
+                    for entry in store.index.blobs() {
+                        let (_, m) = entry?;
+                        blobs += 1;
+                        bytes += m.size;
+                    }
+                    store.blob_count.store(blobs, Ordering::Relaxed);
+                    store.blob_bytes.store(bytes, Ordering::Relaxed);
+                    tracing::warn!(error = %e, blobs, "the shared object store cannot be reached; serving from the last run's index and this replica's own disk until it can");
+                }
+                Err(e) => return Err(e),
+            },
             (true, Some(c)) => {
                 store.blob_count.store(c.blobs, Ordering::Relaxed);
                 store.blob_bytes.store(c.bytes, Ordering::Relaxed);
