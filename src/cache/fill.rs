@@ -478,6 +478,9 @@ impl FillJob {
         let store = self.cache.store.clone();
         let deadline = tokio::time::Instant::now() + self.cache.lease_wait;
         let mut waited = false;
+        // Each look costs the store a claim attempt and a HEAD: with many blobs waited
+        // for on many replicas, a fixed 200 ms would be thousands of requests a second.
+        let mut pause = Duration::from_millis(200);
         while store.is_shared() {
             let (s, d) = (store.clone(), self.digest.clone());
             let claim = super::blocking(move || s.claim_download(&d)).await?;
@@ -506,7 +509,8 @@ impl FillJob {
                         tracing::warn!(digest = %self.digest, "waited storage.lease_wait for another replica's download; fetching it here");
                         break;
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 3 / 2).min(Duration::from_secs(1));
                 }
             }
         }
