@@ -290,6 +290,32 @@ async fn a_replica_killed_mid_download_leaves_no_object_and_the_others_take_over
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_blob_gone_from_the_bucket_under_a_replica_that_knew_it_is_fetched_again_whole() {
+    let reg = Registry::start();
+    let weed = Weed::start();
+    let bytes = common::image::noise("gone", 2 << 20);
+    let digest = common::push::blob(&reg.url(), "demo/app", &bytes).await;
+    // B keeps nothing on its own disk: each of its reads streams from the bucket.
+    let (a, b) = (replica(&reg.url(), &weed, ""), replica(&reg.url(), &weed, "local_max_size = \"0\""));
+    assert_eq!(get_blob(&a, "demo/app", &digest).await, (200, bytes.clone()));
+    a.settled().await;
+    assert_eq!(get_blob(&b, "demo/app", &digest).await, (200, bytes.clone()), "B streams it");
+
+    // Another replica's eviction takes it out of the bucket after B's last sync.
+    {
+        use object_store::ObjectStore;
+        weed.client().delete(&object_store::path::Path::from(blob_key(&digest))).await.expect("delete");
+    }
+    let (status, got) = get_blob(&b, "demo/app", &digest).await;
+    assert_eq!(status, 200);
+    assert_eq!(got.len(), bytes.len(), "whole, not cut short");
+    assert_eq!(common::image::sha256(&got), digest);
+    assert_eq!(reg.blob_gets(&digest), 2, "A's fetch and B's fetch again");
+    b.settled().await;
+    assert!(weed.exists(&blob_key(&digest)).await, "stored in the bucket again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_object_store_leaves_the_local_tier_served_and_answers_503_for_the_rest() {
     let reg = Registry::start();
     let mut weed = Weed::start();

@@ -530,9 +530,29 @@ impl Cache {
     ) -> Result<BlobAnswer, CacheError> {
         let key = RepoKey::new(&up.name, name);
         let mut slot = None;
+        let mut looked_again = false;
         loop {
-            if let Some(body) = self.cached_blob(&key, d, range)? {
-                return Ok(BlobAnswer { body, result: BlobResult::Hit });
+            match self.cached_blob(&key, d, range)? {
+                Some(BlobBody::Stream { mut body, size, part, lease }) => {
+                    // The answer's status goes out with the backend's first bytes, so a
+                    // blob another replica evicted since this one last synced is fetched
+                    // again instead of a 200 cut short.
+                    let first = futures_util::StreamExt::next(&mut body).await;
+                    if let Some(Err(e)) = &first {
+                        if e.kind() == std::io::ErrorKind::NotFound && !looked_again {
+                            tracing::info!(digest = %d, "a blob known to be stored is gone from the store; fetching it again");
+                            self.store.forget_stored_size(d);
+                            looked_again = true;
+                            continue;
+                        }
+                    }
+                    let body =
+                        Box::pin(futures_util::StreamExt::chain(futures_util::stream::iter(first), body));
+                    let body = BlobBody::Stream { body, size, part, lease };
+                    return Ok(BlobAnswer { body, result: BlobResult::Hit });
+                }
+                Some(body) => return Ok(BlobAnswer { body, result: BlobResult::Hit }),
+                None => {}
             }
             let (fill, joined) = match self.join_or_start_fill(up, name, &key, d, &mut slot)? {
                 fill::Joined::Fill(f, joined) => (f, joined),

@@ -774,6 +774,14 @@ impl Store {
         }
     }
 
+    /// Forgets what is known of blob `d`'s place in a shared bucket, which was found
+    /// without it (another replica evicted it since the last sync).
+    pub fn forget_stored_size(&self, d: &Digest) {
+        if let Some(t) = &self.shared {
+            t.forget_known(d);
+        }
+    }
+
     /// Blob `d` from the shared bucket, asking it afresh (another replica's download may
     /// have just finished); `None` when it is not there or there is no bucket.
     pub fn shared_blob(&self, d: &Digest) -> Result<Option<BlobRead>, StoreError> {

@@ -730,8 +730,13 @@ impl Tiered {
     /// Whether blob `d` is in the bucket, asking it (a download of another replica may
     /// have just put it there).
     pub fn in_bucket(&self, d: &Digest) -> io::Result<Option<u64>> {
-        lock(&self.known).remove(d);
+        self.forget_known(d);
         self.remote_size(d)
+    }
+
+    /// Asks the bucket about `d` next time (it was found gone).
+    pub fn forget_known(&self, d: &Digest) {
+        lock(&self.known).remove(d);
     }
 
     /// Blob `d` as a local file: the local tier's, or downloaded from the bucket into a
