@@ -321,11 +321,16 @@ async fn a_stopped_object_store_leaves_the_local_tier_served_and_answers_503_for
     let mut weed = Weed::start();
     let work = tempfile::tempdir().expect("tempdir");
     let img = reg.seed_with(work.path(), "v1", "demo/app:latest", LAYERS, false);
-    let (mut a, b) = (replica(&reg.url(), &weed, ""), replica(&reg.url(), &weed, ""));
+    // B keeps nothing on its own disk.
+    let (mut a, b) = (replica(&reg.url(), &weed, ""), replica(&reg.url(), &weed, "local_max_size = \"0\""));
     let pa = work.path().join("pa");
     pull_all(&format!("{}/demo/app:latest", a.host()), &pa).expect("pull through A");
     a.settled().await;
     let layers: Vec<String> = img.blobs.iter().filter(|d| !d.is_empty()).cloned().collect();
+    assert!(layers.len() >= 2, "{layers:?}");
+    // B streams one blob from the bucket, so it knows that one is there.
+    let (status, body) = get_blob(&b, "demo/app", &layers[0]).await;
+    assert_eq!((status, common::image::sha256(&body)), (200, layers[0].clone()));
 
     weed.stop();
     // A has every blob in its local tier, and keeps serving them after a crash and a
@@ -348,12 +353,16 @@ async fn a_stopped_object_store_leaves_the_local_tier_served_and_answers_503_for
     assert!(!out.status.success(), "a first start without the store fails");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(err.contains("object store"), "{err}");
-    let r = reqwest::get(b.url(&format!("/v2/demo/app/blobs/{}", layers[0]))).await.expect("GET");
-    assert_eq!(r.status(), 503);
-    let err: serde_json::Value = r.json().await.expect("OCI error JSON");
-    assert_eq!(err["errors"][0]["code"], "UNAVAILABLE", "{err}");
-    assert!(err["errors"][0]["message"].as_str().unwrap_or("").contains("object store"), "{err}");
-    assert!(b.metric("wharf_http_requests_total", &[("status", "503")]).await >= 1.0);
+    // B answers 503 both for the blob it streamed before (not a 200 cut short) and for one
+    // it never saw.
+    for d in &layers[..2] {
+        let r = reqwest::get(b.url(&format!("/v2/demo/app/blobs/{d}"))).await.expect("GET");
+        assert_eq!(r.status(), 503, "{d}");
+        let err: serde_json::Value = r.json().await.expect("OCI error JSON");
+        assert_eq!(err["errors"][0]["code"], "UNAVAILABLE", "{err}");
+        assert!(err["errors"][0]["message"].as_str().unwrap_or("").contains("object store"), "{err}");
+    }
+    assert!(b.metric("wharf_http_requests_total", &[("status", "503")]).await >= 2.0);
 
     // The store comes back: B pulls the image whole, and every object in the bucket holds
     // the bytes its key names.

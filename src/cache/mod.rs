@@ -534,18 +534,19 @@ impl Cache {
         loop {
             match self.cached_blob(&key, d, range)? {
                 Some(BlobBody::Stream { mut body, size, part, lease }) => {
-                    // The answer's status goes out with the backend's first bytes, so a
-                    // blob another replica evicted since this one last synced is fetched
-                    // again instead of a 200 cut short.
-                    let first = futures_util::StreamExt::next(&mut body).await;
-                    if let Some(Err(e)) = &first {
-                        if e.kind() == std::io::ErrorKind::NotFound && !looked_again {
+                    // The answer's status goes out with the backend's first bytes: a blob
+                    // another replica evicted since this one last synced is fetched again,
+                    // and a store that fails is an error, instead of a 200 cut short.
+                    let first = match futures_util::StreamExt::next(&mut body).await {
+                        Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound && !looked_again => {
                             tracing::info!(digest = %d, "a blob known to be stored is gone from the store; fetching it again");
                             self.store.forget_stored_size(d);
                             looked_again = true;
                             continue;
                         }
-                    }
+                        Some(Err(e)) => return Err(StoreError::Io(e).into()),
+                        first => first,
+                    };
                     let body =
                         Box::pin(futures_util::StreamExt::chain(futures_util::stream::iter(first), body));
                     let body = BlobBody::Stream { body, size, part, lease };
