@@ -167,17 +167,30 @@ impl Default for StorageConfig {
 impl StorageConfig {
     /// The secret key: `secret_access_key`, the file, or `AWS_SECRET_ACCESS_KEY`.
     pub fn resolved_secret(&self) -> Result<Option<Secret>, ConfigError> {
-        if let Some(s) = &self.secret_access_key {
-            return Ok(Some(s.clone()));
-        }
-        match &self.secret_access_key_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map(|s| Some(Secret(s.trim_end_matches(['\n', '\r']).to_owned())))
-                .map_err(|e| {
-                    ConfigError::Invalid(format!("storage.secret_access_key_file {}: {e}", path.display()))
-                }),
-            None => Ok(std::env::var("AWS_SECRET_ACCESS_KEY").ok().map(Secret)),
-        }
+        let given = inline_or_file(
+            &self.secret_access_key,
+            &self.secret_access_key_file,
+            "storage.secret_access_key_file",
+        )?;
+        Ok(given.or_else(|| std::env::var("AWS_SECRET_ACCESS_KEY").ok().map(Secret)))
+    }
+}
+
+/// A credential given inline or as a file holding it (a mounted secret; the file's
+/// trailing newline is not part of it); `key` names the file's key in errors.
+fn inline_or_file(
+    inline: &Option<Secret>,
+    file: &Option<PathBuf>,
+    key: &str,
+) -> Result<Option<Secret>, ConfigError> {
+    if let Some(s) = inline {
+        return Ok(Some(s.clone()));
+    }
+    match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|s| Some(Secret(s.trim_end_matches(['\n', '\r']).to_owned())))
+            .map_err(|e| ConfigError::Invalid(format!("{key} {}: {e}", path.display()))),
+        None => Ok(None),
     }
 }
 
@@ -610,15 +623,7 @@ impl UpstreamConfig {
 
     /// The password, from `password` or `password_file`.
     pub fn resolved_password(&self) -> Result<Option<Secret>, ConfigError> {
-        if let Some(p) = &self.password {
-            return Ok(Some(p.clone()));
-        }
-        match &self.password_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map(|s| Some(Secret(s.trim_end_matches(['\n', '\r']).to_owned())))
-                .map_err(|e| ConfigError::Invalid(format!("password_file {}: {e}", path.display()))),
-            None => Ok(None),
-        }
+        inline_or_file(&self.password, &self.password_file, "password_file")
     }
 }
 

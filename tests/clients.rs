@@ -59,16 +59,8 @@ fn containerd_pulls_through_a_hosts_toml_mirror_with_ns() {
     }
 
     // `images pull --all-platforms`, unpacked, on an image without attestations.
-    ctr(&[
-        "images",
-        "pull",
-        "--hosts-dir",
-        hosts,
-        "--snapshotter",
-        "native",
-        "--all-platforms",
-        "registry.test/demo/plain:latest",
-    ]);
+    let out = ctd.pull(Path::new(hosts), "registry.test/demo/plain:latest", &["--all-platforms"]);
+    common::succeeded(&out, "ctr images pull --all-platforms");
     assert!(asked("plain", &plain.images[0]) && asked("plain", &plain.images[1]));
 
     let log = w.log();

@@ -621,13 +621,12 @@ impl Cache {
         let lease = self.leases.take(d);
         // A backend that streams the blob cuts the part asked for (a local file is opened
         // whole); which part needs the size, which the store knows without reading.
-        let part = match range.map(|r| (r, self.store.blob_size(d))) {
-            Some((r, Ok(Some(size)))) => match r.resolve(size) {
-                ByteRange::Part(first, last) => Some((first, last - first + 1, size)),
-                ByteRange::Whole | ByteRange::Unsatisfiable => None,
+        let part = match range {
+            Some(r) => match self.store.blob_size(d)?.map(|size| (r.resolve(size), size)) {
+                Some((ByteRange::Part(first, last), size)) => Some((first, last - first + 1, size)),
+                _ => None,
             },
-            Some((_, Err(e))) => return Err(e.into()),
-            _ => None,
+            None => None,
         };
         match self.store.open_blob(d, part.map(|(first, len, _)| (first, len)))? {
             Some(BlobRead::File { file, size }) => {

@@ -60,18 +60,16 @@ impl Containerd {
 
     /// `ctr images pull` of `reference` (linux/amd64) with the mirrors of `hosts`.
     pub fn pull_amd64(&self, hosts: &Path, reference: &str) -> Output {
+        self.pull(hosts, reference, &["--platform", "linux/amd64"])
+    }
+
+    /// `ctr images pull` of `reference` with the mirrors of `hosts`, unpacked by the
+    /// native snapshotter, for the platforms `platforms` (ctr's flags) choose.
+    pub fn pull(&self, hosts: &Path, reference: &str, platforms: &[&str]) -> Output {
         let hosts = hosts.to_str().expect("utf-8 path");
-        let args = [
-            "images",
-            "pull",
-            "--hosts-dir",
-            hosts,
-            "--snapshotter",
-            "native",
-            "--platform",
-            "linux/amd64",
-            reference,
-        ];
+        let mut args = vec!["images", "pull", "--hosts-dir", hosts, "--snapshotter", "native"];
+        args.extend_from_slice(platforms);
+        args.push(reference);
         self.ctr(&args)
     }
 }

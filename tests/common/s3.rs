@@ -105,10 +105,8 @@ impl Weed {
         if let Some(b) = body {
             cmd.args(["--data-binary", b]);
         }
-        match cmd.arg(url).output() {
-            Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
-            Err(e) => panic!("curl: {e}"),
-        }
+        let out = cmd.arg(url).output().expect("curl runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Stops the server at once (SIGKILL: its own shutdown takes tens of seconds).
